@@ -49,12 +49,21 @@ class ShardWriter(BasePredictionWriter):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.start(trainer.global_rank)
+
+    def start(self, rank: int = 0) -> ShardWriter:
+        """Prepare to write as ``rank`` (called by ``setup``; call it directly to write without a Trainer)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(self.output_dir, os.W_OK):
             raise PermissionError(f"ShardWriter: output directory {self.output_dir} is not writable")
-        self.rank = trainer.global_rank
+        self.rank = rank
         self._written = done_keys(self.output_dir)
         self._index = next_shard_index(self.output_dir, self.prefix, self.rank)
+        return self
+
+    def finish(self) -> None:
+        """Close the open shard (called at the end of ``predict``)."""
+        self._close()
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any,
@@ -79,7 +88,7 @@ class ShardWriter(BasePredictionWriter):
             self._close()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._close()
+        self.finish()
         if self.duplicates_skipped:
             log.info("ShardWriter rank %d: skipped %d samples already written", self.rank, self.duplicates_skipped)
 

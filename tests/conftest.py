@@ -30,3 +30,42 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from spr_lightning.tiny import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny_models"))
+
+
+def write_pair_shards(out_dir, num_pairs: int = 4, samples_per_shard: int = 2, seed: int = 0):
+    """Pair shards in the stage-2 schema: coloured-square images, a grounded chosen answer, a vague
+    rejected one. Returns the output directory (readable by ``PreferenceDataModule``)."""
+    import random
+
+    from PIL import Image
+
+    from callbacks import ShardWriter
+    from spr_lightning.shards import SCHEMA_VERSION
+
+    rng = random.Random(seed)
+    colours = [("red", (220, 30, 30)), ("green", (30, 200, 40)), ("blue", (30, 40, 220)), ("yellow", (230, 220, 20))]
+    writer = ShardWriter(str(out_dir), prefix="pairs", samples_per_shard=samples_per_shard).start(0)
+    for i in range(num_pairs):
+        name, rgb = colours[i % len(colours)]
+        image = Image.new("RGB", (64, 64), (rng.randint(0, 60),) * 3)
+        x1, y1 = rng.randint(0, 20), rng.randint(0, 20)
+        image.paste(rgb, (x1, y1, x1 + 30, y1 + 30))
+        box = [int(x1 / 64 * 1000), int(y1 / 64 * 1000), int((x1 + 30) / 64 * 1000), int((y1 + 30) / 64 * 1000)]
+        record = {
+            "schema": SCHEMA_VERSION, "query_id": f"img{i}-0", "image_id": i, "image_size": [64, 64],
+            "region": [0, 0, 64, 64], "prompt": "Describe the region [0, 0, 999, 999] in detail.",
+            "chosen": f"A {name} square {box} on a dark background.",
+            "rejected": "Some shapes.",
+            "scores": {"chosen": {"sem": 1.0, "loc": 1.0, "total": 1.0}, "rejected": {"sem": 0.1, "loc": 0.0,
+                                                                                       "total": 0.08}},
+            "coord_format": "ferret", "source": "test",
+        }
+        writer.write_sample({"__key__": record["query_id"], "json": record, "jpg": image})
+    writer.finish()
+    return out_dir
+
+
+@pytest.fixture
+def pair_shards(tmp_path):
+    """Four pairs in two shards under ``tmp_path/pairs``."""
+    return write_pair_shards(tmp_path / "pairs")
