@@ -9,6 +9,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `tiny:<family>` specs build into a per-session folder, never into the user's home cache.
+if "SPR_TINY_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SPR_TINY_CACHE"] = tempfile.mkdtemp(prefix="spr_tiny_cache_")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
