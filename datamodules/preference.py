@@ -1,21 +1,25 @@
-"""``PreferenceDataModule``: pair shards → DPO batches, streamed with WebDataset.
+"""``PreferenceDataModule``: pair shards → DPO batches, streamed from WebDataset tar shards.
 
-Shards are split by node (rank) and by dataloader worker, shuffled (shards, then a sample buffer), and
-repeated to a fixed number of samples per worker per epoch (``with_epoch``), so every rank runs the
-same number of steps under DDP and Lightning knows the epoch length.
+Shards are dealt by rank and dataloader worker, shuffled (shard order, then a sample buffer) with seeds
+that depend only on ``(seed, epoch, reader)``, and repeated to a fixed number of samples per reader per
+epoch, so every rank runs the same number of steps under DDP, Lightning knows the epoch length, and a
+resumed run sees the data an uninterrupted run would have seen (epoch-granular resume).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import math
+import random
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.collate import PreferenceCollator
 from spr_lightning.shards import list_shards, read_manifests, validate_record
@@ -59,37 +63,89 @@ def count_samples(shards: list[str]) -> int:
     return total
 
 
-class _SampleSplit:
-    """Picklable pipeline stage: every ``n``-th sample per (rank, worker), for when there are fewer shards
-    than readers and shard-level splitting would leave some rank with nothing (and DDP hanging)."""
 
-    def __call__(self, source):
-        import torch.distributed as dist
-        from torch.utils.data import get_worker_info
 
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+def _reader_slot() -> tuple[int, int, int, int]:
+    """``(rank, world, worker, workers)`` of the current reader."""
+    import torch.distributed as dist
+    from torch.utils.data import get_worker_info
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank, world, worker, workers
+
+
+def _validate_pair(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode-time schema check naming the shard and key."""
+    where, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    if "json" not in sample:
+        raise ValueError(f"{where}: sample {key!r} has no json")
+    sample["json"] = validate_record("pairs", sample["json"], shard=where, key=key)
+    return sample
+
+
+class PairStream(IterableDataset):
+    """Pair samples of one epoch for the current (rank, worker).
+
+    Shards are dealt to readers (rank-major, then worker) when there are at least as many shards as
+    readers; otherwise every reader reads all shards and keeps every n-th sample, so no rank is left
+    empty (which would hang DDP). Shard order and the shuffle buffer are seeded by ``(seed, epoch,
+    reader)`` only; the buffer never mixes two passes, so an epoch that fits in the data is a
+    permutation of it. Passes repeat within an epoch as needed to give exactly ``samples_per_reader``.
+    """
+
+    def __init__(self, shards: list[str], samples_per_reader: int, readers: int, *, shuffle: bool,
+                 shuffle_buffer: int, seed: int) -> None:
+        self.shards = shards
+        self.samples_per_reader = samples_per_reader
+        self.readers = readers
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_reader * self.readers
+
+    def _one_pass(self, repeat: int, slot: int, slots: int, split: bool) -> Iterator[dict[str, Any]]:
+        """One pass over this reader's share of the data, shuffled within the pass only."""
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}-{repeat}").shuffle(order)
+        urls = [{"url": url} for url in (order[slot::slots] if split else order)]
+        samples = wds.tarfile_to_samples()(iter(urls))
+        if not split:
+            samples = (s for i, s in enumerate(samples) if i % slots == slot)
+        if self.shuffle and self.shuffle_buffer > 0:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                                  seed=f"{self.seed}-{self.epoch}-{repeat}-{slot}")(samples)
+        return samples
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, worker, workers = _reader_slot()
         slot, slots = rank * workers + worker, world * workers
-        for index, sample in enumerate(source):
-            if index % slots == slot:
-                yield sample
+        split = len(self.shards) >= slots
+        passes = (self._one_pass(repeat, slot, slots, split) for repeat in itertools.count())
+        samples = map(_validate_pair, wds.decode("pil")(itertools.chain.from_iterable(passes)))
+        return itertools.islice(samples, self.samples_per_reader)
 
 
-class _ValidatePairs:
-    """Picklable map: decode-time schema check naming the shard and key."""
+class EpochLoader(DataLoader):
+    """A DataLoader that hands its :class:`PairStream` the trainer's epoch each time an epoch starts
+    (before workers copy the dataset), so shuffling is a function of the epoch, also after a resume."""
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if "json" not in sample:
-            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')!r} has no json")
-        sample["json"] = validate_record("pairs", sample["json"], shard=sample.get("__url__", "?"),
-                                         key=sample.get("__key__", "?"))
-        return sample
+    def __init__(self, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_fn = epoch_fn
 
-
-def _all_shards(urls):
-    """Splitter that gives every reader all shards (samples are split later by :class:`_SampleSplit`)."""
-    yield from urls
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -141,25 +197,19 @@ class PreferenceDataModule(LightningDataModule):
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def _loader(self, urls: str | list[str], train: bool) -> DataLoader:
         hp = self.hparams
         shards = expand_urls(urls)
         total = hp.samples_per_epoch if (train and hp.samples_per_epoch) else count_samples(shards)
         workers = max(hp.num_workers, 1)
-        per_worker = math.ceil(total / (self._world() * workers))
-        split_shards = len(shards) >= self._world() * workers
-        dataset = wds.WebDataset(
-            shards, shardshuffle=len(shards) if train else False, seed=hp.seed, repeat=True, empty_check=False,
-            nodesplitter=wds.split_by_node if split_shards else _all_shards,
-            workersplitter=wds.split_by_worker if split_shards else _all_shards,
-        )
-        if not split_shards:
-            dataset = dataset.compose(_SampleSplit())
-        if train and hp.shuffle_buffer > 0:
-            dataset = dataset.shuffle(hp.shuffle_buffer, seed=hp.seed)
-        dataset = dataset.decode("pil").map(_ValidatePairs()).with_epoch(per_worker).with_length(per_worker * workers)
-        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, collate_fn=self.collator,
-                          persistent_workers=hp.num_workers > 0)
+        per_reader = math.ceil(total / (self._world() * workers))
+        dataset = PairStream(shards, per_reader, workers, shuffle=train, shuffle_buffer=hp.shuffle_buffer,
+                             seed=hp.seed)
+        return EpochLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                           collate_fn=self.collator, epoch_fn=self._current_epoch if train else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_urls, train=True)
