@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from spr_lightning.dpo_inputs import concatenated_inputs
 from spr_lightning.logprobs import completion_logps
 from spr_lightning.losses import dpo_loss
 from spr_lightning.models import apply_lora, count_parameters, load_policy, load_processor
+from spr_lightning.shared_prefix import shared_prefix_logps
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,12 @@ class DPOModule(LightningModule):
         gradient_checkpointing: recompute decoder activations in backward.
         logps_chunk_size: completion positions per LM-head block when computing log-probs.
         trust_remote_code: allow custom model code from the hub (off unless set).
+        forward_mode: ``concat`` runs prompt + completion rows for chosen and rejected separately; ``shared_prefix``
+            encodes image and prompt once per pair and runs both completions on its KV cache (same log-probs and
+            gradients, less compute; see ``docs/dpo.md``). Families it doesn't know fall back to ``concat``.
     """
+
+    FORWARD_MODES = ("concat", "shared_prefix")
 
     def __init__(
         self,
@@ -83,24 +90,28 @@ class DPOModule(LightningModule):
         gradient_checkpointing: bool = False,
         logps_chunk_size: int = 1024,
         trust_remote_code: bool = False,
+        forward_mode: str = "concat",
     ) -> None:
         super().__init__()
+        if forward_mode not in self.FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {self.FORWARD_MODES}, got {forward_mode!r}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
         # Checkpoints carry only LoRA weights; the frozen base comes from `model_name_or_path`.
         self.strict_loading = False
+        # Loaded here rather than in `configure_model` so that LightningCLI's `--optimizer` (which
+        # instantiates the optimizer right after the module) sees the LoRA parameters.
+        self._load_models()
 
     @property
     def pad_id(self) -> int:
         tokenizer = self.processor.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def configure_model(self) -> None:
-        """Load the policy (and reference) once; called by Lightning before any checkpoint is restored."""
-        if self.policy is not None:
-            return
+    def _load_models(self) -> None:
+        """Load the policy with its LoRA adapter (and the optional separate reference)."""
         hp = self.hparams
         model = load_policy(hp.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
         self.policy = apply_lora(model, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
@@ -136,22 +147,33 @@ class DPOModule(LightningModule):
 
     def reference_logps(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Reference log-probs of the concatenated rows (``[2B]``) and their token counts."""
-        chunk = self.hparams.logps_chunk_size
+        return self._reference_forward(lambda model: sequence_logps(model, inputs, self.hparams.logps_chunk_size))
+
+    def _reference_forward(self, forward: Callable[[nn.Module], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """``forward`` applied to the reference (separate model or disabled adapter), without gradients."""
         if self.reference is not None:
             with torch.no_grad():
-                return sequence_logps(self.reference, inputs, chunk)
+                return forward(self.reference)
         with self._reference_mode() as reference:
-            return sequence_logps(reference, inputs, chunk)
+            return forward(reference)
 
     def dpo_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Loss and statistics of one batch (concatenated chosen + rejected forward)."""
-        inputs = concatenated_inputs(batch, self.pad_id)
+        """Loss and statistics of one batch (chosen + rejected forward, concatenated or on a shared prefix)."""
+        chunk = self.hparams.logps_chunk_size
+        if self.hparams.forward_mode == "shared_prefix":
+            def forward(model: nn.Module) -> tuple[Tensor, Tensor]:
+                return shared_prefix_logps(model, batch, self.pad_id, chunk)
+        else:
+            inputs = concatenated_inputs(batch, self.pad_id)
+
+            def forward(model: nn.Module) -> tuple[Tensor, Tensor]:
+                return sequence_logps(model, inputs, chunk)
         batch_size = batch["chosen_input_ids"].shape[0]
-        logps, counts = sequence_logps(self.policy, inputs, self.hparams.logps_chunk_size)
+        logps, counts = forward(self.policy)
         if self.hparams.use_precomputed_ref and "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         else:
-            ref_logps, _ = self.reference_logps(inputs)
+            ref_logps, _ = self._reference_forward(forward)
             ref_chosen, ref_rejected = ref_logps[:batch_size], ref_logps[batch_size:]
         return self._loss_and_stats(logps, counts, ref_chosen, ref_rejected, batch_size)
 

@@ -23,7 +23,6 @@ def pair_samples(n=2):
 @pytest.fixture(scope="module", params=FAMILIES)
 def module(request, tiny_models):
     dpo = DPOModule(str(tiny_models[request.param]), lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    dpo.configure_model()
     # A non-zero LoRA B so that the adapter changes the outputs.
     torch.manual_seed(0)
     for name, param in dpo.policy.named_parameters():
@@ -69,7 +68,6 @@ def test_sequence_logps_match_full_logits(module):
 
 def test_step_zero_loss_is_ln2_with_fresh_adapter(tiny_models):
     dpo = DPOModule(str(tiny_models["llava"]), lora_r=4, lora_alpha=8)
-    dpo.configure_model()
     batch = PreferenceCollator(dpo.processor, max_length=None)(pair_samples())
     stats = dpo.dpo_step(batch)
     assert stats["loss"].item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)

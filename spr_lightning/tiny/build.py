@@ -24,7 +24,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
 }
 TINY_PREFIX = "tiny:"
 # Bump when any tiny recipe changes, so caches built by older code are not silently reused.
-TINY_RECIPE_VERSION = 1
+TINY_RECIPE_VERSION = 2
 
 
 def build_all(out_dir: str | Path, *, seed: int = 0, only: Sequence[str] | None = None) -> dict[str, Path]:

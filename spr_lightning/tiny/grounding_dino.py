@@ -18,8 +18,8 @@ from spr_lightning.tiny._common import prepare_dir, seeded
 from spr_lightning.tiny.tokenizer_factory import build_bert_tokenizer
 
 # Short side 64 px keeps the deformable-attention feature pyramid (16, 8, 4, 2 px maps) tiny on CPU.
-SHORTEST_EDGE = 64
-LONGEST_EDGE = 96
+SHORTEST_EDGE = 96
+LONGEST_EDGE = 128
 
 
 def make_tiny_grounding_dino(seed: int = 0) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
