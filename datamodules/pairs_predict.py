@@ -11,8 +11,8 @@ Every sample carries two views of the same entries:
 * the decoded view DPO training would see — ``json`` as a validated dict, images as PIL — produced by the same
   WebDataset ``"pil"`` decoder as :class:`datamodules.preference.PairStream`, so collating it gives exactly the
   tensors of a DPO batch;
-* ``__raw__``: the original encoded bytes of every payload entry (``jpg``, ``png``, ``txt``, ...), so the
-  output shard stores the image as it was instead of compressing a JPEG a second time.
+* ``__raw__``: the original encoded bytes of every payload entry but ``json`` (``jpg``, ``png``, ``txt``, ...),
+  so the output shard stores the image as it was instead of compressing a JPEG a second time.
 
 Keys already in a complete shard of ``skip_done_in`` (the output directory of the same command) are dropped
 before decoding, so a re-run only processes what is missing.
@@ -33,7 +33,7 @@ from spr_lightning.shards import ShardFormatError, done_keys, sanitize_key, vali
 
 __all__ = ["PairShardsPredictDataModule", "RAW_KEY"]
 
-#: Sample entry holding the original encoded payload (``{extension: bytes}``), never written as a tar member.
+#: Sample entry holding the original encoded payload but ``json`` (``{extension: bytes}``); not a tar member.
 RAW_KEY = "__raw__"
 
 
@@ -60,7 +60,7 @@ class _DecodePair:
         shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         if "json" not in sample:
             raise ShardFormatError(f"{shard}: sample {key!r} has no json")
-        raw = {name: value for name, value in sample.items() if not name.startswith("__")}
+        raw = {name: value for name, value in sample.items() if not name.startswith("__") and name != "json"}
         try:
             decoded = self.decoder(dict(sample))
         except autodecode.DecodingError as err:
