@@ -3,10 +3,17 @@
 The concatenated forward (:func:`spr_lightning.dpo_inputs.concatenated_inputs`) runs the vision tower and every
 prompt token twice per pair, once under the chosen and once under the rejected completion. Prompts of a VLM
 hold hundreds to thousands of image tokens while SPR completions are a few dozen text tokens, so most of that
-work is duplicated. Here the decoder runs once on the left-padded prompts with ``use_cache=True``; the KV cache
-(still part of the autograd graph: ``DynamicCache`` grows by ``torch.cat`` and is indexed, never detached) is
-then selected into ``[prompt_1..B, prompt_1..B]`` rows, and one more decoder call runs the chosen and rejected
-completion tokens against it. Gradients of both branches flow back through the shared cache into the prefix.
+work is duplicated. Here the decoder runs once on the left-padded prompts, recording each layer's keys/values;
+they are indexed into ``[prompt_1..B, prompt_1..B]`` rows (indexing stays in the autograd graph, nothing is
+detached), and one more decoder call runs the chosen and rejected completion tokens against them. Gradients of
+both branches flow back through the shared keys/values into the prefix.
+
+The cache is two small ``transformers.Cache`` objects rather than one ``DynamicCache``: the prefix pass
+records each layer's keys/values (and attends to them only), the completion pass attends to
+``prefix ++ own`` keys/values and stores nothing. Neither pass mutates what the other reads, so a layer's forward
+can be replayed: activation checkpointing (whose transformers wrapper otherwise drops the cache, as an
+appending ``DynamicCache`` would grow a second time on the backward replay) recomputes exactly the original
+forward, and checkpointed layers are told to keep the cache for the duration of the call.
 
 Positions must match what the concatenated forward (and generation) gives each token:
 
@@ -19,18 +26,22 @@ Positions must match what the concatenated forward (and generation) gives each t
 The first completion token is predicted by the last prompt position (always a real token: prompts are
 left-padded), so that hidden state is kept from the prefix pass and put in front of the completion's own.
 
-Families not listed in :data:`POSITION_STYLES`, and models with activation checkpointing active (transformers'
-checkpointed layers drop the cache, which would silently cut the completions off their prompt), fall back to the
-concatenated forward with a one-line warning, logged once per reason.
+Families not listed in :data:`POSITION_STYLES`, and decoders with non-full-attention layers (sliding window,
+linear attention: their caches are not the plain keys/values handled here), fall back to the concatenated
+forward with a one-line warning, logged once per reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from spr_lightning.dpo_inputs import image_inputs
 from spr_lightning.logprobs import IGNORE_INDEX, completion_logps
@@ -59,13 +70,56 @@ def _base(model: nn.Module) -> nn.Module:
 
 def fallback_reason(base: nn.Module) -> str | None:
     """Why the shared-prefix forward can't run on ``base`` (``None``: it can)."""
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type not in POSITION_STYLES:
         return f"model type {model_type!r} has no known position scheme"
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
-    if checkpointing and base.training and torch.is_grad_enabled():
-        return "activation checkpointing drops the KV cache in training"
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return f"{model_type} has non-full-attention layers ({sorted(set(layer_types))})"
     return None
+
+
+class PrefixRecorder(DynamicLayer):
+    """Prefix-pass cache layer: keeps the layer's keys/values and returns them unchanged (the prefix attends to
+    itself only). A checkpoint replay overwrites them with the same values, after the completion pass read them."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class PrefixReader(DynamicLayer):
+    """Completion-pass cache layer over fixed prefix keys/values: returns ``prefix ++ new`` and stores nothing,
+    so every (re)play of the layer sees the same prefix."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def branch_cache(recorded: Cache, rows: Tensor) -> Cache:
+    """A reader cache over rows ``rows`` of the recorded prefix (indexing keeps the autograd graph)."""
+    return Cache(layers=[PrefixReader(layer.keys[rows], layer.values[rows]) for layer in recorded.layers])
+
+
+@contextlib.contextmanager
+def cache_through_checkpointing(base: nn.Module) -> Iterator[None]:
+    """Let checkpointed layers keep the cache (our caches are replay-safe); restores the flag afterwards."""
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class attribute
 
 
 def _warn_once(reason: str) -> None:
@@ -144,26 +198,29 @@ def shared_prefix_logps(
     images = image_inputs(batch)
     extras = {key: batch[f"prompt_{key}"] for key in batch.get("per_token_keys", [])}
     positions, next_position = prompt_positions(inner, style, prompt_ids, prompt_mask, images, extras)
-    prefix = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                   **images, **extras)
-    cache = prefix.cache
-    # Rows [prompt_1..B, prompt_1..B] to match [chosen_1..B, rejected_1..B]; indexing keeps the graph.
-    cache.batch_select_indices(torch.arange(batch_size, device=prompt_ids.device).repeat(2))
+    recorded = Cache(layer_class_to_replicate=PrefixRecorder)
     completion_ids, completion_mask = stacked_completions(batch, pad_id)
     length = completion_ids.shape[1]
-    last_prompt_hidden = prefix.last_hidden_state[:, -1:].repeat(2, 1, 1)
-    if length == 0:
-        hidden = last_prompt_hidden
-    else:
-        completion = inner(
-            input_ids=completion_ids,
-            attention_mask=torch.cat([prompt_mask.repeat(2, 1), completion_mask], dim=1),
-            position_ids=completion_positions(style, next_position.repeat(2), length),
-            cache=cache,
-            use_cache=True,
-            **{key: torch.zeros_like(completion_ids, dtype=value.dtype) for key, value in extras.items()},
-        )
-        hidden = torch.cat([last_prompt_hidden, completion.last_hidden_state], dim=1)
+    with cache_through_checkpointing(base):
+        # use_cache=False: the caches are ours and are passed explicitly (layers use any cache they are given);
+        # True would only make transformers warn under checkpointing and switch it off itself.
+        prefix = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=recorded,
+                       use_cache=False, **images, **extras)
+        last_prompt_hidden = prefix.last_hidden_state[:, -1:].repeat(2, 1, 1)
+        if length == 0:
+            hidden = last_prompt_hidden
+        else:
+            # Rows [prompt_1..B, prompt_1..B] under [chosen_1..B, rejected_1..B].
+            rows = torch.arange(batch_size, device=prompt_ids.device).repeat(2)
+            completion = inner(
+                input_ids=completion_ids,
+                attention_mask=torch.cat([prompt_mask.repeat(2, 1), completion_mask], dim=1),
+                position_ids=completion_positions(style, next_position.repeat(2), length),
+                cache=branch_cache(recorded, rows),
+                use_cache=False,
+                **{key: torch.zeros_like(completion_ids, dtype=value.dtype) for key, value in extras.items()},
+            )
+            hidden = torch.cat([last_prompt_hidden, completion.last_hidden_state], dim=1)
     # Column 0 stands for the last prompt token: it carries no label and predicts completion token 0.
     labels = torch.full((2 * batch_size, length + 1), IGNORE_INDEX, dtype=torch.long, device=prompt_ids.device)
     labels[:, 1:] = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
