@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from spr_lightning.dpo_inputs import concatenated_inputs
 from spr_lightning.logprobs import completion_logps
 from spr_lightning.losses import dpo_loss
-from spr_lightning.models import apply_lora, count_parameters, load_policy, load_processor
+from spr_lightning.models import apply_lora, count_parameters, load_policy, load_processor, load_reference
 from spr_lightning.shared_prefix import shared_prefix_logps
 
 log = logging.getLogger(__name__)
@@ -120,19 +120,11 @@ class DPOModule(LightningModule):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy.enable_input_require_grads()
         if hp.reference_model is not None:
-            self.reference = self._load_reference(hp.reference_model, hp.reference_adapter_path)
+            self.reference = load_reference(hp.reference_model, adapter_path=hp.reference_adapter_path, dtype=hp.dtype,
+                                            trust_remote_code=hp.trust_remote_code)
         trainable, total = count_parameters(self.policy)
         log.info("DPOModule: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}",
                  100 * trainable / max(total, 1))
-
-    def _load_reference(self, name: str, adapter_path: str | None) -> nn.Module:
-        model = load_policy(name, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code)
-        if adapter_path is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
-        model.eval().requires_grad_(False)
-        return model
 
     @contextlib.contextmanager
     def _reference_mode(self):

@@ -106,3 +106,25 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def load_reference(
+    model_name_or_path: str,
+    *,
+    adapter_path: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A frozen reference in eval mode: the base policy, or the base with a (frozen) peft adapter on top.
+
+    Used by ``DPOModule`` (option ``reference_model``) and the reference log-probs stage; the default
+    reference of ``DPOModule`` (its policy with the adapter disabled) has exactly the base weights, so
+    ``adapter_path=None`` reproduces it.
+    """
+    model = load_policy(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+    model.eval().requires_grad_(False)
+    return model

@@ -36,32 +36,11 @@ from datamodules.collate import PreferenceCollator
 from datamodules.pairs_predict import RAW_KEY
 from spr_lightning.dpo import sequence_logps
 from spr_lightning.dpo_inputs import concatenated_inputs
-from spr_lightning.models import load_policy, load_processor
+from spr_lightning.models import load_processor, load_reference
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReferenceLogpsWriter", "load_reference", "with_ref_logps"]
-
-
-def load_reference(
-    model_name_or_path: str,
-    *,
-    adapter_path: str | None = None,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """A frozen reference in eval mode: the base policy, or the base with a (frozen) peft adapter on top.
-
-    Same loading as ``DPOModule``'s separate reference; the default reference of ``DPOModule`` (its policy
-    with the adapter disabled) has exactly the base weights, so ``adapter_path=None`` reproduces it.
-    """
-    model = load_policy(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
-    model.eval().requires_grad_(False)
-    return model
 
 
 def with_ref_logps(sample: dict[str, Any], chosen: float, rejected: float, meta: dict[str, Any]) -> dict[str, Any]:
