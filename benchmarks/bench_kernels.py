@@ -51,11 +51,12 @@ def torchvision_loop(gt: torch.Tensor, pred: torch.Tensor, threshold: float = 0.
 
 def time_providers(
     providers: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median wall time per provider in milliseconds.
+) -> dict[str, tuple[float, float]]:
+    """``(median, min)`` wall time per provider in milliseconds.
 
     Calls are interleaved (one call of each provider per round) so that background load on a shared
-    machine hits every provider alike and the ratio stays meaningful; CUDA is synchronised around calls.
+    machine hits every provider alike and the ratio stays meaningful; the minimum is the least disturbed
+    call of each provider. CUDA is synchronised around calls.
     """
     for _ in range(warmup):
         for fn in providers.values():
@@ -70,10 +71,10 @@ def time_providers(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: (statistics.median(values), min(values)) for name, values in samples.items()}
 
 
-def bench_device(device: torch.device, args: argparse.Namespace) -> list[tuple[str, float]]:
+def bench_device(device: torch.device, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Time every provider available on ``device`` and check they agree before timing."""
     gt, pred = random_sets(args.batch, args.n, device, 0), random_sets(args.batch, args.m, device, 1)
     providers: dict[str, Callable[[], torch.Tensor]] = {
@@ -86,7 +87,7 @@ def bench_device(device: torch.device, args: argparse.Namespace) -> list[tuple[s
     for name, fn in providers.items():
         diff = (fn() - reference).abs().max().item()
         assert diff <= 1e-5, f"{name} disagrees with the torchvision loop by {diff}"
-    return list(time_providers(providers, device, args.repeats).items())
+    return time_providers(providers, device, args.repeats)
 
 
 def main() -> None:
@@ -108,15 +109,18 @@ def main() -> None:
     print(f"# localization_score, B={args.batch} sets of {args.n} x {args.m} boxes, threshold 0.5")
     print(f"# torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}, check_nan={args.check_nan}")  # fmt: skip
-    print("| device | provider | median ms | speed-up vs torchvision_loop |")
-    print("|---|---|---:|---:|")
+    print("| device | provider | median ms | min ms | speed-up vs torchvision_loop (median / min) |")
+    print("|---|---|---:|---:|---:|")
     for device in devices:
-        rows = bench_device(device, args)
-        baseline = dict(rows)["torchvision_loop"]
-        for name, ms in rows:
-            print(f"| {device.type} | {name} | {ms:.3f} | {baseline / ms:.1f}x |")
+        times = bench_device(device, args)
+        base_median, base_min = times["torchvision_loop"]
+        for name, (median, fastest) in times.items():
+            print(
+                f"| {device.type} | {name} | {median:.3f} | {fastest:.3f} "
+                f"| {base_median / median:.1f}x / {base_min / fastest:.1f}x |"
+            )
         if device.type == "cuda":
-            print(f"# cuda: triton vs torch path: {dict(rows)['torch'] / dict(rows)['triton']:.1f}x")
+            print(f"# cuda: triton vs torch path (median): {times['torch'][0] / times['triton'][0]:.1f}x")
 
 
 if __name__ == "__main__":

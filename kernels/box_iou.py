@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import _checks, _guards
+from kernels import _checks, _guards, _workspace
 from kernels._checks import LengthsLike
 
 __all__ = [
@@ -40,14 +40,22 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 
 
 @torch.no_grad()
-def pair_iou_torch(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def pair_iou_torch(boxes1: Tensor, boxes2: Tensor, *, scratch_output: bool = False) -> Tensor:
     """IoU of every box in ``boxes1[..., N, 4]`` with every box in ``boxes2[..., M, 4]`` -> ``[..., N, M]``.
 
     Follows the numbers policy above; the operation order mirrors torchvision so fp32 results agree.
+
     Speed (this is the CPU hot path): each coordinate is first copied into its own contiguous plane, so the
     broadcast ``[..., N, 1] x [..., 1, M]`` ops run on unit-stride rows and vectorise (strided coordinate
-    views are ~10x slower); then only three ``[..., N, M]`` buffers are allocated and updated in place,
-    because fresh multi-megabyte allocations (page faults) cost more than the arithmetic.
+    views are ~10x slower); the ``[..., N, M]`` temporaries live in the per-thread workspace
+    (:mod:`kernels._workspace`) and are updated in place, because fresh multi-megabyte allocations
+    (page faults) cost more than the arithmetic.
+
+    Args:
+        boxes1: ``[..., N, 4]`` boxes.
+        boxes2: ``[..., M, 4]`` boxes with a broadcast-compatible batch shape.
+        scratch_output: return the IoU in workspace memory too, valid only until the next ``kernels`` call
+            on this thread; for internal callers that reduce the matrix immediately.
     """
     a = boxes1.float()
     b = boxes2.float()
@@ -55,10 +63,14 @@ def pair_iou_torch(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     bx1, by1, bx2, by2 = (b[..., k].contiguous()[..., None, :] for k in range(4))  # [..., 1, M]
     area_a = (ax2 - ax1).clamp_(min=0) * (ay2 - ay1).clamp_(min=0)
     area_b = (bx2 - bx1).clamp_(min=0) * (by2 - by1).clamp_(min=0)
-    inter = torch.minimum(ax2, bx2)
-    scratch = torch.maximum(ax1, bx1)
+    shape = torch.broadcast_shapes(ax1.shape, bx1.shape)
+    buffers = _workspace.float_buffers(shape, 3 if scratch_output else 2, a.device)
+    scratch, height = buffers[0], buffers[1]
+    inter = buffers[2] if scratch_output else None  # None: a fresh tensor that the caller may keep
+    inter = torch.minimum(ax2, bx2, out=inter)
+    scratch = torch.maximum(ax1, bx1, out=scratch)
     inter.sub_(scratch).clamp_(min=0)  # width of the intersection
-    height = torch.minimum(ay2, by2)
+    height = torch.minimum(ay2, by2, out=height)
     height.sub_(torch.maximum(ay1, by1, out=scratch)).clamp_(min=0)
     inter.mul_(height)
     union = torch.add(area_a, area_b, out=scratch).sub_(inter).clamp_(min=FLT_MIN)
@@ -87,9 +99,15 @@ def box_iou_torch(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def batched_box_iou_torch(boxes1: Tensor, boxes2: Tensor, lengths1: Tensor, lengths2: Tensor) -> Tensor:
-    """Torch reference for :func:`batched_box_iou`, vectorised over the batch (no Python loop)."""
-    return pair_iou_torch(zero_padding(boxes1, lengths1), zero_padding(boxes2, lengths2))
+def batched_box_iou_torch(
+    boxes1: Tensor, boxes2: Tensor, lengths1: Tensor, lengths2: Tensor, *, scratch_output: bool = False
+) -> Tensor:
+    """Torch reference for :func:`batched_box_iou`, vectorised over the batch (no Python loop).
+
+    ``scratch_output``: see :func:`pair_iou_torch` (internal callers only).
+    """
+    padded1, padded2 = zero_padding(boxes1, lengths1), zero_padding(boxes2, lengths2)
+    return pair_iou_torch(padded1, padded2, scratch_output=scratch_output)
 
 
 # ---------------------------------------------------------------------------------------------------- triton

@@ -38,7 +38,8 @@ def dedup_boxes_torch(boxes: Tensor, lengths: Tensor, iou_threshold: float) -> T
         return keep
     # Only the strictly-lower triangle matters: box i can be suppressed by earlier boxes j < i.
     earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(diagonal=-1)
-    overlaps = (pair_iou_torch(boxes, boxes) > iou_threshold) & earlier  # padding is never kept: no mask
+    # Padding is never kept, so it needs no mask here.
+    overlaps = (pair_iou_torch(boxes, boxes, scratch_output=True) > iou_threshold) & earlier
     for i in range(1, n):
         suppressed = (overlaps[:, i, :i] & keep[:, :i]).any(dim=1)
         keep[:, i] &= ~suppressed

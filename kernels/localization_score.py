@@ -6,9 +6,9 @@ kept it is the largest kept value; if not, every entry is zeroed): both backends
 maxima instead of the ``N x M`` matrix, which is one fewer full pass. The Triton kernel runs one program
 per set that loops over ground-truth and prediction tiles, keeping only running row maxima in registers:
 the ``[B, N, M]`` IoU matrix is never written to memory. The torch reference materialises it (vectorised
-over the batch). Conventions: an empty ground-truth set scores 0
-(no objects to find, nothing to reward) and an empty prediction set scores 0 (every row max is 0).
-Numbers policy (fp32 compute, degenerate boxes, NaN checks): see :mod:`kernels.box_iou`. Inference only.
+over the batch). Conventions: an empty ground-truth set scores 0 (no objects to find, nothing to reward)
+and an empty prediction set scores 0 (every row max is 0). Numbers policy (fp32 compute, degenerate
+boxes, NaN checks): see :mod:`kernels.box_iou`. Inference only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def localization_score_torch(
     batch, n, m = gt_boxes.shape[0], gt_boxes.shape[1], pred_boxes.shape[1]
     if n == 0 or m == 0:
         return torch.zeros(batch, dtype=torch.float32, device=gt_boxes.device)
-    iou = batched_box_iou_torch(gt_boxes, pred_boxes, gt_lengths, pred_lengths)  # padding is already 0
+    iou = batched_box_iou_torch(gt_boxes, pred_boxes, gt_lengths, pred_lengths, scratch_output=True)  # padding: 0
     row_max = keep_at_least_(iou.amax(dim=2), threshold)  # threshold after the max: see module docstring
     return row_max.sum(dim=1) / gt_lengths.clamp(min=1).to(torch.float32)  # padded gt rows add 0
 

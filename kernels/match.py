@@ -30,7 +30,7 @@ def match_boxes_torch(
     if n == 0:
         index = torch.full((batch, m), -1, dtype=torch.int64, device=pred.device)
         return index, torch.zeros((batch, m), dtype=torch.float32, device=pred.device)
-    iou = pair_iou_torch(pred, zero_padding(gt, gt_lengths))
+    iou = pair_iou_torch(pred, zero_padding(gt, gt_lengths), scratch_output=True)  # reduced right below
     # Padded ground truth gets -1 so it can never win, not even against real IoUs of 0.
     iou.masked_fill_(~valid_mask(gt_lengths, n)[:, None, :], -1.0)
     best, index = iou.max(dim=2)  # torch.max returns the first maximal index on ties

@@ -14,24 +14,20 @@ How generated boxes are matched to what is asked (plain functions below, tested 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
 
-from datamodules.collate import user_message
 from spr_lightning.boxes import Box, enclosing_box
 from spr_lightning.coords import Codec, Grounding, get_codec
+from spr_lightning.generate_utils import GenerativeEvaluator, format_metric_table, image_codecs, model_input_sizes
 from spr_lightning.metrics import AccuracyAtIoU, PhraseGroundingRecall
 from spr_lightning.metrics.accuracy import paired_iou
-from spr_lightning.models import load_policy, load_processor
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -136,14 +132,6 @@ def assign_phrase_boxes(phrases: Sequence[str], groundings: Sequence[Grounding])
     return out
 
 
-def format_metric_table(metrics: dict[str, float], title: str) -> str:
-    """A plain-text table, values in percent (as papers report them)."""
-    width = max([len("metric"), *map(len, metrics)])
-    rule = f"+-{'-' * width}-+---------+"
-    rows = [f"| {name:<{width}} | {100 * value:7.2f} |" for name, value in metrics.items()]
-    return "\n".join([title, rule, f"| {'metric':<{width}} | {'value %':>7} |", rule, *rows, rule])
-
-
 def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
@@ -154,7 +142,7 @@ def _as_list(box: Sequence[float]) -> list[float] | None:
 
 
 # ------------------------------------------------------------------------------------------ the module
-class GroundingEvaluator(LightningModule):
+class GroundingEvaluator(GenerativeEvaluator):
     """Scores a policy VLM on REC (Acc@IoU) or phrase grounding (Recall@k); use with ``validate`` or ``test``.
 
     Args:
@@ -198,15 +186,16 @@ class GroundingEvaluator(LightningModule):
         merge_predicted: bool = False,
         inclusive: bool = True,
     ) -> None:
-        super().__init__()
         if task not in DEFAULT_PROMPTS:
             raise ValueError(f"task must be one of {sorted(DEFAULT_PROMPTS)}, got {task!r}")
-        self.prompt_template = prompt_template or DEFAULT_PROMPTS[task]
-        unknown = _template_fields(self.prompt_template) - _FIELDS[task]
+        template = prompt_template or DEFAULT_PROMPTS[task]
+        unknown = _template_fields(template) - _FIELDS[task]
         if unknown:
             raise ValueError(f"prompt_template field(s) {sorted(unknown)} unknown for task {task!r}; "
                              f"available: {sorted(_FIELDS[task])}")
+        super().__init__(model_name_or_path, adapter_path, max_new_tokens, dtype, trust_remote_code, predictions_file)
         self.save_hyperparameters()
+        self.prompt_template = template
         self.codec_options = dict(codec_options or {})
         self.codec: Codec = get_codec(coord_format, **self.codec_options)
         if task == "rec":
@@ -214,71 +203,30 @@ class GroundingEvaluator(LightningModule):
         else:
             self.metric = PhraseGroundingRecall(k=recall_k or (1,), iou_thresholds=iou_thresholds or (0.5,),
                                                 mode=phrase_mode)
-        self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
-        self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
-        self.policy: nn.Module | None = None
-        self._writer = None
-        self._counts = [0, 0]  # samples, scored phrases (this rank)
+        self._phrases = 0  # scored phrases on this rank
 
     @property
-    def pad_id(self) -> int:
-        tokenizer = self.processor.tokenizer
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def task_name(self) -> str:
+        return self.hparams.task
 
-    def configure_model(self) -> None:
-        """Load the policy (and adapter) once, frozen, in eval mode."""
-        if self.policy is not None:
-            return
-        hp = self.hparams
-        model = load_policy(hp.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
-        if hp.adapter_path is not None:
-            from peft import PeftModel
+    def describe(self) -> list[str]:
+        return [self.hparams.task, self.model_name_or_path, self.hparams.coord_format]
 
-            model = PeftModel.from_pretrained(model, hp.adapter_path, is_trainable=False)
-        self.policy = model.eval().requires_grad_(False)
+    def extra_counts(self) -> dict[str, int]:
+        return {"phrases": self._phrases} if self.hparams.task == "phrase" else {}
 
-    # ------------------------------------------------------------------------------------- generation
     def render_prompt(self, sample: dict[str, Any]) -> str:
         """The question of one sample (template fields filled from the sample)."""
         if self.hparams.task == "rec":
             return self.prompt_template.format(expression=sample["expression"])
         return self.prompt_template.format(phrases=join_phrases(sample["phrases"]), caption=sample["caption"])
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], images: list[Any]) -> list[str]:
-        """Greedy answers to ``prompts`` about ``images``, batched with left padding, special tokens dropped."""
-        texts = [self.processor.apply_chat_template(user_message(p, True), add_generation_prompt=True,
-                                                    tokenize=False) for p in prompts]
-        kwargs: dict[str, Any] = {"text": texts, "images": images, "padding": True, "return_tensors": "pt"}
-        bos = getattr(self.processor.tokenizer, "bos_token", None)
-        if bos and all(t.startswith(bos) for t in texts):
-            kwargs["add_special_tokens"] = False  # the chat template already wrote BOS
-        dtype = next(self.policy.parameters()).dtype
-        inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor)
-                  else v for k, v in self.processor(**kwargs).items()}
-        out = self.policy.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                   num_beams=1, pad_token_id=self.pad_id)
-        answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [a.strip() for a in answers]
-
     def model_input_sizes(self, images: list[Any]) -> list[tuple[int, int]] | None:
-        """``(W', H')`` of each image as the model sees it, where the processor reports a patch grid (Qwen2-VL
-        family: ``image_grid_thw`` x ``patch_size``); None otherwise."""
-        image_processor = getattr(self.processor, "image_processor", None)
-        patch = getattr(image_processor, "patch_size", None)
-        if image_processor is None or not isinstance(patch, int):
-            return None
-        grid = image_processor(images=images, return_tensors="pt").get("image_grid_thw")
-        if grid is None:
-            return None
-        return [(int(w) * patch, int(h) * patch) for _, h, w in grid.tolist()]
+        """``(W', H')`` of each image as the model sees it (see :func:`generate_utils.model_input_sizes`)."""
+        return model_input_sizes(self.processor, images)
 
     def _codecs(self, images: list[Any]) -> list[Codec]:
-        if self.hparams.coord_format == "qwen2_5_vl" and "resized_size" not in self.codec_options:
-            sizes = self.model_input_sizes(images)
-            if sizes is not None:
-                return [get_codec("qwen2_5_vl", **{**self.codec_options, "resized_size": s}) for s in sizes]
-        return [self.codec] * len(images)
+        return image_codecs(self.hparams.coord_format, self.codec_options, self.processor, images)
 
     # ---------------------------------------------------------------------------------------- scoring
     def _score_rec(self, batch: list[dict[str, Any]], answers: list[str], codecs: list[Codec]) -> list[dict]:
@@ -301,76 +249,25 @@ class GroundingEvaluator(LightningModule):
                 assigned = [[enclosing_box(boxes)] if boxes else [] for boxes in assigned]
             all_preds.extend(torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in assigned)
             all_targets.extend(t.float().cpu().reshape(-1, 4) for t in sample["targets"])
-            self._counts[1] += sum(int(t.numel() > 0) for t in sample["targets"])
+            self._phrases += sum(int(t.numel() > 0) for t in sample["targets"])
             records.append({"phrases": sample["phrases"],
                             "pred_boxes": [[_as_list(b) for b in boxes] for boxes in assigned],
                             "gt_boxes": [[_as_list(b) for b in t.tolist()] for t in sample["targets"]]})
         self.metric.update([p.to(self.device) for p in all_preds], [t.to(self.device) for t in all_targets])
         return records
 
-    def _step(self, batch: list[dict[str, Any]]) -> None:
+    def score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prompts = [self.render_prompt(s) for s in batch]
         images = [s["image"] for s in batch]
         answers = self.generate(prompts, images)
         codecs = self._codecs(images)
         score = self._score_rec if self.hparams.task == "rec" else self._score_phrase
-        for sample, prompt, answer, record in zip(batch, prompts, answers, score(batch, answers, codecs)):
-            self._write({"key": sample["key"], "prompt": prompt, "generation": answer,
-                         "image_size": list(sample["image_size"]), **record})
-        self._counts[0] += len(batch)
+        return [{"prompt": prompt, "generation": answer, "image_size": list(sample["image_size"]), **record}
+                for sample, prompt, answer, record in zip(batch, prompts, answers, score(batch, answers, codecs))]
 
-    # ------------------------------------------------------------------------------ epoch bookkeeping
-    def _predictions_path(self) -> Path:
-        rank = self.global_rank
-        if self.hparams.predictions_file is not None:
-            return Path(self.hparams.predictions_file.replace("{rank}", str(rank)))
-        log_dir = self.trainer.log_dir if self._trainer is not None else None
-        return Path(log_dir or ".") / f"predictions-rank{rank}.jsonl"
+    def compute_metrics(self) -> dict[str, float]:
+        return {name: float(v) for name, v in self.metric.compute().items()}
 
-    def _write(self, record: dict[str, Any]) -> None:
-        if self._writer is not None:
-            self._writer.write(json.dumps(record) + "\n")
-
-    def _epoch_start(self) -> None:
+    def reset_metrics(self) -> None:
         self.metric.reset()
-        self._counts = [0, 0]
-        path = self._predictions_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = path.open("w", encoding="utf-8")
-
-    def _epoch_end(self, stage: str) -> dict[str, float]:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        values = {name: float(v) for name, v in self.metric.compute().items()}
-        self.metric.reset()
-        # The values are already global (torchmetrics synced them); averaging identical values across ranks
-        # changes nothing and keeps Lightning's epoch-level logging consistent under DDP.
-        self.log_dict({f"{stage}/{name}": v for name, v in values.items()}, sync_dist=True)
-        counts = self._counts
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(torch.tensor(counts, device=self.device), reduce_op="sum").tolist()
-        if self._trainer is None or self.trainer.is_global_zero:
-            what = f"{counts[0]} samples" + (f", {counts[1]} phrases" if self.hparams.task == "phrase" else "")
-            title = (f"{stage} {self.hparams.task} | {self.hparams.model_name_or_path} | "
-                     f"{self.hparams.coord_format} | {what}")
-            print(format_metric_table(values, title), flush=True)
-        return values
-
-    def on_validation_epoch_start(self) -> None:
-        self._epoch_start()
-
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._epoch_start()
-
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        self._step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_end("test")
+        self._phrases = 0

@@ -6,14 +6,13 @@ once, answers prompts about images greedily in left-padded batches (each prompt 
 template, :func:`datamodules.collate.user_message`), writes one JSONL line per sample and per rank, and runs the
 same loop for ``validate`` and ``test``. A subclass only says how to score a batch and which metric to report.
 
-The logic mirrors :class:`spr_lightning.evaluation.GroundingEvaluator`'s (same prompt rendering, generation
-arguments and Qwen2.5-VL resized-size handling), written as plain functions here so that evaluator can move
-onto them.
+:class:`spr_lightning.evaluation.GroundingEvaluator` (REC, phrase grounding) is a subclass too.
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,20 @@ from torch import Tensor, nn
 
 from datamodules.collate import user_message
 from spr_lightning.coords import Codec, get_codec
-from spr_lightning.evaluation import format_metric_table
 from spr_lightning.models import load_policy, load_processor
 
-__all__ = ["GenerativeEvaluator", "greedy_generate", "image_codecs", "load_eval_policy", "model_input_sizes"]
+__all__ = [
+    "GenerativeEvaluator", "format_metric_table", "greedy_generate", "image_codecs", "load_eval_policy",
+    "model_input_sizes",
+]
+
+
+def format_metric_table(metrics: dict[str, float], title: str) -> str:
+    """A plain-text table, values in percent (as papers report them)."""
+    width = max([len("metric"), *map(len, metrics)])
+    rule = f"+-{'-' * width}-+---------+"
+    rows = [f"| {name:<{width}} | {100 * value:7.2f} |" for name, value in metrics.items()]
+    return "\n".join([title, rule, f"| {'metric':<{width}} | {'value %':>7} |", rule, *rows, rule])
 
 
 def load_eval_policy(
@@ -89,7 +98,7 @@ def image_codecs(coord_format: str, codec_options: dict[str, Any], processor: An
     return [get_codec(coord_format, **codec_options)] * len(images)
 
 
-class GenerativeEvaluator(LightningModule):
+class GenerativeEvaluator(LightningModule, ABC):
     """Base of the generate-then-score evaluators; use a subclass with ``validate`` or ``test``.
 
     Subclasses implement :meth:`score_batch` (generate, update metrics, return one JSONL record per sample),
@@ -143,16 +152,25 @@ class GenerativeEvaluator(LightningModule):
         return greedy_generate(self.policy, self.processor, prompts, images, self.max_new_tokens)
 
     # ------------------------------------------------------------------------------ subclass interface
+    @abstractmethod
     def score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer and score one batch; one JSON-able record per sample (``key`` is added by the caller)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def compute_metrics(self) -> dict[str, float]:
         """Global metric values of the epoch (already synced across ranks)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reset_metrics(self) -> None:
-        raise NotImplementedError
+        """Forget the epoch's metric state (and any per-epoch counters)."""
+
+    def describe(self) -> list[str]:
+        """Parts of the printed table's title after the stage name."""
+        return [self.task_name, self.model_name_or_path]
+
+    def extra_counts(self) -> dict[str, int]:
+        """Counters of this rank shown after the sample count (summed over ranks), e.g. ``{"phrases": 6}``."""
+        return {}
 
     # ------------------------------------------------------------------------------ epoch bookkeeping
     def _predictions_path(self) -> Path:
@@ -180,14 +198,16 @@ class GenerativeEvaluator(LightningModule):
             self._writer.close()
             self._writer = None
         values = self.compute_metrics()
+        extra = self.extra_counts()
         self.reset_metrics()
         # already global values; averaging identical values across ranks keeps Lightning's logging consistent
         self.log_dict({f"{stage}/{name}": v for name, v in values.items()}, sync_dist=True)
-        count = self._num_samples
+        counts = [self._num_samples, *extra.values()]
         if self._trainer is not None and self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
+            counts = self.trainer.strategy.reduce(torch.tensor(counts, device=self.device), reduce_op="sum").tolist()
         if self._trainer is None or self.trainer.is_global_zero:
-            title = f"{stage} {self.task_name} | {self.model_name_or_path} | {count} samples"
+            what = f"{int(counts[0])} samples" + "".join(f", {int(n)} {name}" for name, n in zip(extra, counts[1:]))
+            title = f"{stage} " + " | ".join([*self.describe(), what])
             print(format_metric_table(values, title), flush=True)
         return values
 

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import kernels
-from kernels import _checks, _guards
+from kernels import _checks, _guards, _workspace
 
 # ------------------------------------------------------------------------------------ plain-Python reference
 Box = list[float]
@@ -185,6 +185,25 @@ def test_outputs_carry_no_autograd_graph() -> None:
     a = random_boxes(1, 4, seed=11).requires_grad_(True)
     assert not kernels.batched_box_iou(a, a.detach()).requires_grad
     assert not kernels.localization_score(a, a.detach()).requires_grad
+
+
+def test_returned_matrices_never_alias_the_cpu_workspace() -> None:
+    a, b = random_boxes(4, 9, seed=16), random_boxes(4, 7, seed=17)
+    first = kernels.batched_box_iou(a, b)
+    kept = first.clone()
+    kernels.localization_score(b, a)  # reuses the workspace for its scratch IoU matrix
+    kernels.match_boxes(b, a)
+    kernels.dedup_boxes(a, iou_threshold=0.5)
+    kernels.batched_box_iou(b, a)
+    assert torch.equal(first, kept)
+
+
+def test_workspace_is_bounded_and_cpu_only() -> None:
+    small = _workspace.float_buffers((2, 3, 4), 2, torch.device("cpu"))
+    assert [t.shape for t in small] == [(2, 3, 4), (2, 3, 4)]
+    assert small[0].data_ptr() != small[1].data_ptr()
+    assert _workspace.float_buffers((_workspace.MAX_BYTES,), 1, torch.device("cpu")) == [None]
+    assert _workspace.float_buffers((2, 3), 2, torch.device("meta")) == [None, None]
 
 
 # -------------------------------------------------------------------------------------------- threshold
