@@ -9,6 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one intra-op thread is faster than two fighting (and DDP tests start two processes per run);
+# set before torch is imported so that subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # `tiny:<family>` specs build into a per-session folder, never into the user's home cache.
 if "SPR_TINY_CACHE" not in os.environ:
     import tempfile
@@ -17,6 +20,8 @@ if "SPR_TINY_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,246 @@
+"""``SFTModule``: supervised fine-tuning on grounded chat samples, the stage before DPO.
+
+Loss: the mean token cross-entropy over answer tokens only (``labels`` is ``-100`` on prompt and padding),
+
+    L = -(1 / N) * Σ_{t : labels_t ≠ -100} log p(labels_t | tokens_<t, image),
+
+N the number of answer tokens in the batch. The LM head runs on answer positions only, in chunks under
+activation checkpointing (as DPO's log-probs do), so no ``[B, T, V]`` logits tensor is ever built.
+
+Two regimes: LoRA on the language model (default; checkpoints hold only the adapter), or full fine-tuning of
+the language model, LM head and projector (``lora=False``; the vision tower stays frozen unless
+``full_finetune_vision``). Either way :meth:`SFTModule.export_model` writes a plain transformers model (LoRA
+merged into the base) plus processor, which every later stage loads by path.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from spr_lightning.logprobs import IGNORE_INDEX
+from spr_lightning.models import (
+    apply_lora,
+    count_parameters,
+    language_model_lora_targets,
+    load_policy,
+    load_processor,
+)
+
+log = logging.getLogger(__name__)
+
+#: Projector modules (trained in full fine-tuning even with the vision tower frozen): LLaVA / LLaVA-OneVision's
+#: ``multi_modal_projector`` beside the tower, Qwen2.5-VL's patch ``merger`` inside ``visual``.
+PROJECTOR_NAMES = ("multi_modal_projector", "merger")
+
+
+def _chunk_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+    return nll.sum(), (logits.argmax(dim=-1) == targets).sum()
+
+
+def answer_token_stats(
+    hidden_states: Tensor, lm_head: nn.Module, labels: Tensor, *, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed negative log-likelihood, greedy-correct count and count of the labelled tokens.
+
+    Args:
+        hidden_states: ``[B, T, H]`` last hidden states (position ``t`` predicts token ``t + 1``).
+        lm_head: the output projection (an ``nn.Linear``).
+        labels: ``[B, T]`` token ids, ``-100`` everywhere but the answer.
+        chunk_size: answer positions per LM-head block.
+
+    Returns:
+        ``(nll_sum, correct, count)``: fp32 sum of ``-log p`` over labelled tokens, the number of them that are the
+        argmax of their logits (teacher-forced token accuracy), and their number.
+    """
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    selected, targets = hidden_states[:, :-1][rows, cols], target[rows, cols]
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    nll = hidden_states.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+    for start in range(0, selected.shape[0], chunk_size):
+        args = (selected[start : start + chunk_size], weight, bias, targets[start : start + chunk_size])
+        if torch.is_grad_enabled() and selected.requires_grad:
+            piece_nll, piece_correct = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            piece_nll, piece_correct = _chunk_stats(*args)
+        nll, correct = nll + piece_nll, correct + piece_correct
+    return nll, correct, torch.tensor(targets.numel(), device=labels.device)
+
+
+def freeze_for_full_finetune(model: nn.Module, train_vision: bool = False) -> None:
+    """Make the language model, LM head and projector trainable; the vision tower too only if ``train_vision``.
+
+    The tower is found with transformers' own ``get_encoder(modality="image")`` (``vision_tower``, ``visual``, ...);
+    projector modules (:data:`PROJECTOR_NAMES`) inside it stay trainable.
+    """
+    model.requires_grad_(True)
+    if train_vision:
+        return
+    tower = model.get_encoder(modality="image")
+    if tower is model or tower is getattr(model, "base_model", None):
+        raise ValueError(f"{type(model).__name__}: no vision tower found to freeze; set full_finetune_vision=True")
+    tower.requires_grad_(False)
+    for name, module in tower.named_modules():
+        if name.split(".")[-1] in PROJECTOR_NAMES:
+            module.requires_grad_(True)
+
+
+def _lora_with_modules_to_save(model: nn.Module, hp: Any) -> nn.Module:
+    """:func:`~spr_lightning.models.apply_lora`'s adapter (same default targets) plus fully trained modules."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none",
+                        target_modules=hp.lora_target_modules or language_model_lora_targets(model),
+                        modules_to_save=list(hp.lora_modules_to_save))
+    return get_peft_model(model, config)
+
+
+class SFTModule(LightningModule):
+    """A VLM fine-tuned on grounded (image, prompt, answer) samples with token cross-entropy.
+
+    Args:
+        model_name_or_path: the VLM (hub id, local path or ``tiny:<family>``).
+        lora: train a LoRA adapter on the language model (``False``: full fine-tuning, see
+            ``full_finetune_vision``).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA α.
+        lora_dropout: LoRA dropout.
+        lora_target_modules: peft target modules; default: every linear layer of the language model.
+        lora_modules_to_save: modules trained in full beside the adapter and merged on export (peft's
+            ``modules_to_save``, e.g. ``[lm_head]``: a randomly initialised tiny model cannot sharpen its output
+            distribution through LoRA alone, its final norm and LM head being frozen). Ignored without LoRA.
+        full_finetune_vision: with ``lora=False``, also train the vision tower (default: frozen; the language
+            model, LM head and projector are trained).
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: linear warmup share of the cosine schedule.
+        dtype: weight dtype of the model (``float32``, ``bfloat16``, ``float16``, ``auto``).
+        gradient_checkpointing: recompute decoder activations in backward.
+        chunk_size: answer positions per LM-head block when computing the loss.
+        trust_remote_code: allow custom model code from the hub (off unless set).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        lora: bool = True,
+        lora_r: int = 64,
+        lora_alpha: int = 128,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str | None = None,
+        lora_modules_to_save: list[str] | None = None,
+        full_finetune_vision: bool = False,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        chunk_size: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if full_finetune_vision and lora:
+            raise ValueError("full_finetune_vision applies to full fine-tuning; set lora=False with it")
+        self.save_hyperparameters()
+        self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
+        # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
+        self.strict_loading = not lora
+        # Loaded here, not in `configure_model`, so that an optimizer built right after the module sees the
+        # trainable parameters (LightningCLI's `--optimizer`).
+        self.policy = self._load_policy()
+
+    def _load_policy(self) -> nn.Module:
+        hp = self.hparams
+        model = load_policy(hp.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+        if hp.lora and hp.lora_modules_to_save:
+            model = _lora_with_modules_to_save(model, hp)
+        elif hp.lora:
+            model = apply_lora(model, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
+                               target_modules=hp.lora_target_modules)
+        else:
+            freeze_for_full_finetune(model, train_vision=hp.full_finetune_vision)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()  # from_pretrained returns eval mode, which would switch LoRA and model dropout off
+        trainable, total = count_parameters(model)
+        log.info("SFTModule: %s trainable of %s parameters (%.3f%%)", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / max(total, 1))
+        return model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers ``*ForConditionalGeneration`` (under the peft wrapper when LoRA is on)."""
+        return self.policy.get_base_model() if self.hparams.lora else self.policy
+
+    def sft_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Mean answer-token cross-entropy and teacher-forced token accuracy of one batch."""
+        inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels")}
+        base = self.base_model
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state
+        nll, correct, count = answer_token_stats(hidden, base.get_output_embeddings(), batch["labels"],
+                                                 chunk_size=self.hparams.chunk_size)
+        count = count.clamp(min=1)
+        return {"loss": nll / count, "token_accuracy": correct.float() / count, "num_tokens": count.float()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        stats = self.sft_step(batch)
+        size = len(batch["keys"])
+        self.log("train/loss", stats["loss"].detach(), prog_bar=True, on_step=True, batch_size=size)
+        self.log("train/token_accuracy", stats["token_accuracy"], on_step=True, batch_size=size)
+        return stats["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        stats = self.sft_step(batch)
+        # Weighted by answer tokens, so the epoch value is the token mean over the whole split.
+        weight = int(stats["num_tokens"])
+        self.log("val/loss", stats["loss"], prog_bar=True, on_epoch=True, batch_size=weight, sync_dist=True)
+        self.log("val/token_accuracy", stats["token_accuracy"], on_epoch=True, batch_size=weight, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With LoRA keep only trainable weights (the frozen base is reloaded); otherwise a full checkpoint."""
+        if not self.hparams.lora:
+            return
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def export_model(self, out_dir: str | Path) -> Path:
+        """Write a plain transformers model (LoRA merged into the base) and the processor to ``out_dir``.
+
+        With LoRA the adapter is saved, then merged into a fresh copy of the base loaded on CPU, so the
+        training model (and its unmerged adapter) is left untouched and no second copy lands on the GPU.
+        """
+        out = Path(out_dir)
+        hp = self.hparams
+        if hp.lora:
+            from peft import PeftModel
+
+            with tempfile.TemporaryDirectory() as adapter_dir:
+                self.policy.save_pretrained(adapter_dir, safe_serialization=True)
+                base = load_policy(hp.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            merged.save_pretrained(str(out), safe_serialization=True)
+        else:
+            self.policy.save_pretrained(str(out), safe_serialization=True)
+        self.processor.save_pretrained(str(out))
+        return out
