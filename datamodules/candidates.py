@@ -14,23 +14,28 @@ allows (it has no per-step collectives). Keys already written to the pairs outpu
 dropped before decoding, so a re-run only scores what is missing. A batch is a list of samples
 ``{"__key__", "__url__", "json": validated record, "image": PIL RGB, "image_bytes", "image_ext"}``, because
 scorers take images and texts, not stacked tensors.
+
+A bad sample (no json, json that does not parse or fails the schema, no image, an image that does not decode or
+exceeds ``max_image_pixels``) raises :class:`~spr_lightning.shards.ShardFormatError` naming the shard and the key;
+with ``on_error="skip"`` it arrives instead as ``{"__key__", "__url__", "error": message}`` and the scorer counts
+and reports it. A shard that cannot be read as a tar (truncated, corrupt, deleted) always raises, naming the
+shard: the samples past the damage are unknown, so skipping could not say what was lost.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
-from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from datamodules.preference import expand_urls
-from spr_lightning.shards import ShardFormatError, done_keys, list_shards, validate_record
+from datamodules.regions import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, open_rgb_image
+from spr_lightning.shards import ShardFormatError, ShardReadErrorHandler, done_keys, list_shards, validate_record
 
 __all__ = ["CandidateDataModule", "candidate_shards", "collate_samples"]
 
@@ -111,25 +116,38 @@ class _DecodeCandidates:
     ``image_ext``) so the pairs shard can store them as they are instead of compressing a JPEG twice.
     """
 
+    def __init__(self, on_error: str = "raise", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.on_error = on_error
+        self.max_image_pixels = max_image_pixels
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        try:
+            return self._decode(sample, shard, key)
+        except ShardFormatError as err:
+            if self.on_error == "raise":
+                raise
+            return {"__key__": key, "__url__": shard, "error": str(err)}
+
+    def _decode(self, sample: dict[str, Any], shard: str, key: str) -> dict[str, Any]:
         if "json" not in sample:
             raise ShardFormatError(f"{shard}: sample {key!r} has no json")
         try:
             record = json.loads(sample["json"])
         except ValueError as err:
             raise ShardFormatError(f"{shard}: sample {key!r}: json does not parse: {err}") from None
+        record = validate_record("candidates", record, shard=shard, key=key)
         ext = next((e for e in _IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise ShardFormatError(f"{shard}: sample {key!r} has no image ({' or '.join(_IMAGE_EXTS)})")
         try:
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-        except OSError as err:
-            raise ShardFormatError(f"{shard}: sample {key!r}: {ext} does not decode: {err}") from None
+            image = open_rgb_image(sample[ext], f"{ext} of {shard}: sample {key!r}", max_pixels=self.max_image_pixels)
+        except ImageLoadError as err:
+            raise ShardFormatError(str(err)) from None
         return {
             "__key__": key,
             "__url__": shard,
-            "json": validate_record("candidates", record, shard=shard, key=key),
+            "json": record,
             "image": image,
             "image_bytes": sample[ext],
             "image_ext": ext,
@@ -146,6 +164,10 @@ class CandidateDataModule(LightningDataModule):
         num_workers: dataloader workers per device (JPEG decoding, JSON parsing).
         skip_done_in: the pairs output directory of a previous run of the same command: queries whose key is
             in one of its complete shards are skipped (resume). ``None``: score everything.
+        on_error: ``"raise"`` on a bad sample (the error names the shard and the key); ``"skip"`` passes it on
+            as an error sample, which :class:`~spr_lightning.rewarding.PreferenceBuilder` counts and reports.
+        max_image_pixels: sample images with more pixels are bad samples, refused before decoding (see
+            :func:`datamodules.regions.open_rgb_image`); ``None``: only PIL's own guard applies.
     """
 
     def __init__(
@@ -154,14 +176,20 @@ class CandidateDataModule(LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         skip_done_in: str | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.urls = urls
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.skip_done_in = skip_done_in
+        self.on_error = on_error
+        self.max_image_pixels = max_image_pixels
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -175,6 +203,7 @@ class CandidateDataModule(LightningDataModule):
         dataset = wds.WebDataset(
             shards,
             shardshuffle=False,
+            handler=ShardReadErrorHandler(),
             empty_check=False,  # a rank with no work left (resume) yields nothing instead of raising
             nodesplitter=_ShardsOfRank(rank, world) if by_shard else _every_shard,
             workersplitter=_shards_of_worker if by_shard else _every_shard,
@@ -184,7 +213,7 @@ class CandidateDataModule(LightningDataModule):
         done = done_keys(self.skip_done_in) if self.skip_done_in else set()
         if done:
             dataset = dataset.select(_NotDone(frozenset(done)))
-        return dataset.map(_DecodeCandidates())
+        return dataset.map(_DecodeCandidates(self.on_error, self.max_image_pixels))
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -116,7 +116,7 @@ class PreferenceCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         keys = [sample["__key__"] for sample in samples]
         records = [sample["json"] for sample in samples]
-        images = [sample.get("jpg", sample.get("png")) for sample in samples]
+        images = [next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None) for sample in samples]
         prompts, chosen, rejected = [], [], []
         for record, image in zip(records, images):
             prompt_text, chosen_text = render_prompt_and_completion(

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.regions import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, open_rgb_image
 from spr_lightning.boxes import convert_box
 
 __all__ = [
@@ -152,18 +152,36 @@ def refer_to_records(refs: Sequence[dict[str, Any]], instances: dict[str, Any]) 
     return records
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, strings, numbers): any class or function a pickle names is
+    refused, so a crafted file cannot run code. The refer toolkit's ``refs(*).p`` files hold plain data."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refused to load {module}.{name}: only plain lists, dicts, strings and numbers are read from pickles"
+        )
+
+
+def load_plain_pickle(path: str | Path) -> Any:
+    """A pickle of plain data (see :class:`_PlainDataUnpickler`); ``ValueError`` naming the file otherwise."""
+    with Path(path).open("rb") as f:
+        try:
+            return _PlainDataUnpickler(f, encoding="latin1").load()  # latin1: Python 2 pickles (refer toolkit)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}: not a plain-data pickle: {exc}") from exc
+
+
 def convert_refer(refer_dir: str | Path, split_by: str, out_path: str | Path) -> int:
     """Write ``out_path`` from ``<refer_dir>/refs(<split_by>).p`` and ``<refer_dir>/instances.json``.
 
     E.g. ``convert_refer("data/refcoco", "unc", "data/refcoco/refcoco_unc.json")`` (RefCOCO and RefCOCO+:
-    ``unc``; RefCOCOg: ``umd``). The pickle is the refer toolkit's own file: only load ones you trust.
+    ``unc``; RefCOCOg: ``umd``). The pickle is read with :func:`load_plain_pickle`, which runs no code from it.
 
     Returns:
         The number of refs written.
     """
     refer_dir = Path(refer_dir)
-    with (refer_dir / f"refs({split_by}).p").open("rb") as f:
-        refs = pickle.load(f)
+    refs = load_plain_pickle(refer_dir / f"refs({split_by}).p")
     records = refer_to_records(refs, _read_json(refer_dir / "instances.json"))
     Path(out_path).write_text(json.dumps(records), encoding="utf-8")
     return len(records)
@@ -238,13 +256,17 @@ class GroundingDataset(Dataset):
     and ``image_size`` ``(W, H)``.
 
     Raises:
-        ValueError: when an image's real size differs from the annotated ``width``/``height`` (usually an
-            ``image_root`` pointing at resized copies, which would silently misplace every box).
+        FileNotFoundError: naming the sample and the path when the image is missing.
+        ValueError: naming the sample when the image is corrupt, larger than ``max_image_pixels`` or not the
+            annotated ``width``/``height`` (usually an ``image_root`` pointing at resized copies, which would
+            silently misplace every box). Samples are never skipped: that would change the metric's denominator.
     """
 
-    def __init__(self, records: list[dict[str, Any]], image_root: str | Path) -> None:
+    def __init__(self, records: list[dict[str, Any]], image_root: str | Path,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.records = records
         self.image_root = Path(image_root)
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -254,11 +276,11 @@ class GroundingDataset(Dataset):
         path = self.image_root / record["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"sample {record['key']!r}: image not found: {path}")
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        if record["size"] is not None and tuple(record["size"]) != image.size:
-            raise ValueError(f"sample {record['key']!r}: {path} is {image.size[0]}x{image.size[1]} but the "
-                             f"annotations say {record['size'][0]}x{record['size'][1]}")
+        size = tuple(record["size"]) if record["size"] is not None else None
+        try:
+            image = open_rgb_image(path, str(path), max_pixels=self.max_image_pixels, expected_size=size)
+        except ImageLoadError as exc:
+            raise ValueError(f"sample {record['key']!r}: {exc}") from exc
         sample = {k: v for k, v in record.items() if k not in ("box", "boxes", "size")}
         sample.update(image=image, image_size=image.size)
         if "box" in record:
@@ -276,12 +298,14 @@ def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class _GroundingDataModule(LightningDataModule):
     """Shared loader plumbing: the same samples for ``validate`` and ``test``, unpadded under DDP."""
 
-    def __init__(self, image_root: str, batch_size: int, num_workers: int, max_samples: int | None) -> None:
+    def __init__(self, image_root: str, batch_size: int, num_workers: int, max_samples: int | None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         super().__init__()
         self.image_root = image_root
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.max_samples = max_samples
+        self.max_image_pixels = max_image_pixels
         self.dataset: GroundingDataset | None = None
 
     def _load_records(self) -> list[dict[str, Any]]:
@@ -292,7 +316,7 @@ class _GroundingDataModule(LightningDataModule):
             records = self._load_records()
             if self.max_samples is not None:
                 records = records[: self.max_samples]
-            self.dataset = GroundingDataset(records, self.image_root)
+            self.dataset = GroundingDataset(records, self.image_root, self.max_image_pixels)
 
     def _loader(self) -> DataLoader:
         if self.dataset is None:
@@ -321,11 +345,14 @@ class RefCOCODataModule(_GroundingDataModule):
         batch_size: samples per generation batch per device.
         num_workers: dataloader workers per device.
         max_samples: evaluate only the first ``max_samples`` samples (quick checks).
+        max_image_pixels: images with more pixels are refused before decoding (decompression-bomb guard);
+            ``None``: only PIL's own guard applies.
     """
 
     def __init__(self, annotations: str, image_root: str, split: str = "val", batch_size: int = 8,
-                 num_workers: int = 2, max_samples: int | None = None) -> None:
-        super().__init__(image_root, batch_size, num_workers, max_samples)
+                 num_workers: int = 2, max_samples: int | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        super().__init__(image_root, batch_size, num_workers, max_samples, max_image_pixels)
         if split not in REFCOCO_SPLITS:
             raise ValueError(f"split must be one of {REFCOCO_SPLITS}, got {split!r}")
         self.annotations = annotations
@@ -344,11 +371,13 @@ class Flickr30kEntitiesDataModule(_GroundingDataModule):
         batch_size: samples per generation batch per device.
         num_workers: dataloader workers per device.
         max_samples: evaluate only the first ``max_samples`` image-caption pairs.
+        max_image_pixels: images with more pixels are refused before decoding (decompression-bomb guard);
+            ``None``: only PIL's own guard applies.
     """
 
     def __init__(self, annotations: str, image_root: str, batch_size: int = 8, num_workers: int = 2,
-                 max_samples: int | None = None) -> None:
-        super().__init__(image_root, batch_size, num_workers, max_samples)
+                 max_samples: int | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        super().__init__(image_root, batch_size, num_workers, max_samples, max_image_pixels)
         self.annotations = annotations
 
     def _load_records(self) -> list[dict[str, Any]]:

@@ -22,7 +22,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.collate import PreferenceCollator
-from spr_lightning.shards import list_shards, read_manifests, validate_record
+from spr_lightning.shards import (
+    ShardFormatError,
+    ShardReadErrorHandler,
+    list_shards,
+    read_manifests,
+    validate_record,
+)
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -76,11 +82,24 @@ def _reader_slot() -> tuple[int, int, int, int]:
     return rank, world, worker, workers
 
 
-def _validate_pair(sample: dict[str, Any]) -> dict[str, Any]:
-    """Decode-time schema check naming the shard and key."""
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_DECODE = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
+
+
+def _decode_pair(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode one raw pair sample and check its schema; every error names the shard and the key."""
     where, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    # A member cut off by a truncated shard shows up as a sample missing its json or image.
     if "json" not in sample:
-        raise ValueError(f"{where}: sample {key!r} has no json")
+        raise ShardFormatError(f"{where}: sample {key!r} has no json (is the shard truncated or corrupt?)")
+    if not any(ext in sample for ext in IMAGE_KEYS):
+        raise ShardFormatError(
+            f"{where}: sample {key!r} has no image ({'/'.join(IMAGE_KEYS)}; is the shard truncated or corrupt?)")
+    try:
+        sample = _DECODE(sample)
+    except Exception as error:  # webdataset's DecodingError has an empty message: say what failed
+        cause = error.__cause__ or error
+        raise ShardFormatError(f"{where}: sample {key!r}: cannot decode ({type(cause).__name__}: {cause})") from error
     sample["json"] = validate_record("pairs", sample["json"], shard=where, key=key)
     return sample
 
@@ -117,7 +136,7 @@ class PairStream(IterableDataset):
         if self.shuffle:
             random.Random(f"{self.seed}-{self.epoch}-{repeat}").shuffle(order)
         urls = [{"url": url} for url in (order[slot::slots] if split else order)]
-        samples = wds.tarfile_to_samples()(iter(urls))
+        samples = wds.tarfile_to_samples(handler=ShardReadErrorHandler())(iter(urls))
         if not split:
             samples = (s for i, s in enumerate(samples) if i % slots == slot)
         if self.shuffle and self.shuffle_buffer > 0:
@@ -130,7 +149,7 @@ class PairStream(IterableDataset):
         slot, slots = rank * workers + worker, world * workers
         split = len(self.shards) >= slots
         passes = (self._one_pass(repeat, slot, slots, split) for repeat in itertools.count())
-        samples = map(_validate_pair, wds.decode("pil")(itertools.chain.from_iterable(passes)))
+        samples = map(_decode_pair, itertools.chain.from_iterable(passes))
         return itertools.islice(samples, self.samples_per_reader)
 
 

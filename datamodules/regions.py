@@ -13,15 +13,18 @@ run) the dataset is padded with empty placeholders that produce nothing.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from spr_lightning.coords import Codec, get_codec
@@ -45,8 +48,82 @@ log = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
 
 
+#: Default refusal threshold for image sizes: PIL's own ``Image.MAX_IMAGE_PIXELS`` default (~89.5 Mpx, what a
+#: 0.25 GiB RGBA image holds). Dataset images are a few Mpx; anything far larger is a mistake or an attack.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
 class ImageLoadError(ValueError):
     """An image of the annotation file is missing, unreadable or not the size the annotations say."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels of any mode. 16/32-bit integer greyscale is scaled to 8 bits: PIL's own ``convert("RGB")``
+    clips it at 255, which turns a 16-bit scan nearly white. Alpha is dropped, CMYK goes through PIL's
+    conversion, palettes are expanded."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    return image.convert("RGB")  # a new image (a copy when already RGB): the file handle is closed after this
+
+
+def open_rgb_image(
+    source: str | Path | bytes,
+    name: str | None = None,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    expected_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode an image file (or its bytes) to RGB, refusing what would be unsafe or silently wrong.
+
+    * Size is read from the header and checked against ``max_pixels`` *before* any pixel is decoded, so a
+      decompression bomb (a small file claiming 20000x20000 px) costs nothing. PIL's own guard
+      (``Image.MAX_IMAGE_PIXELS``; an error beyond twice it) stays in force as well and is reported the same way.
+    * A missing, truncated or corrupt file raises instead of yielding a half-grey image (PIL's
+      ``LOAD_TRUNCATED_IMAGES`` stays off).
+    * Pixels are read as stored. An EXIF orientation that rotates by 90 degrees is applied only when the
+      annotated ``expected_size`` is the rotated size (annotations made in a viewer that honours EXIF); the
+      orientations that keep the size (flips, 180 degrees) cannot be told apart and are read as stored.
+
+    Raises:
+        ImageLoadError: naming ``name`` (default: the path) and what is wrong.
+    """
+    name = name or (str(source) if not isinstance(source, bytes) else "<image bytes>")
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise ImageLoadError(f"image {name} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked just below
+            handle = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with handle:
+            width, height = handle.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(
+                    f"image {name} is {width}x{height} = {width * height} pixels, more than max_image_pixels="
+                    f"{max_pixels}; refused before decoding (decompression-bomb guard). Raise max_image_pixels "
+                    "if the image is genuine"
+                )
+            handle.load()
+            image = handle
+            swap = handle.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPS_SIDES and width != height
+            if swap and expected_size is not None and tuple(expected_size) == (height, width):
+                image = ImageOps.exif_transpose(handle)
+            image = _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"image {name} refused by PIL's decompression-bomb guard: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ImageLoadError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+    if expected_size is not None and image.size != tuple(expected_size):
+        raise ImageLoadError(
+            f"image {name} is {image.size[0]}x{image.size[1]} but the annotations say "
+            f"{expected_size[0]}x{expected_size[1]}; its boxes would be wrong"
+        )
+    return image
 
 
 @dataclass(frozen=True)
@@ -137,29 +214,23 @@ def build_region_specs(
     return specs
 
 
-def load_image(path: Path, expected_size: tuple[int, int]) -> Image.Image:
-    """The image as RGB; ``ImageLoadError`` naming the file when it is missing, corrupt or the wrong size."""
-    try:
-        with Image.open(path) as handle:
-            image = handle.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise ImageLoadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    if image.size != tuple(expected_size):
-        raise ImageLoadError(
-            f"image {path} is {image.size[0]}x{image.size[1]} but the annotations say "
-            f"{expected_size[0]}x{expected_size[1]}; its boxes would be wrong"
-        )
-    return image
+def load_image(path: Path, expected_size: tuple[int, int],
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image as RGB; ``ImageLoadError`` naming the file when it is missing, corrupt, too large or the wrong
+    size (see :func:`open_rgb_image`)."""
+    return open_rgb_image(path, str(path), max_pixels=max_pixels, expected_size=expected_size)
 
 
 class RegionDataset(Dataset):
     """Map-style dataset of :class:`RegionItem`; indices past the specs (DDP padding) give ``None``."""
 
-    def __init__(self, specs: list[RegionSpec], image_root: str | Path, on_error: OnError, length: int) -> None:
+    def __init__(self, specs: list[RegionSpec], image_root: str | Path, on_error: OnError, length: int,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.specs = specs
         self.image_root = Path(image_root)
         self.on_error = on_error
         self.length = max(length, len(specs))
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return self.length
@@ -169,7 +240,7 @@ class RegionDataset(Dataset):
             return None
         spec = self.specs[index]
         try:
-            image = load_image(self.image_root / spec.file_name, spec.image_size)
+            image = load_image(self.image_root / spec.file_name, spec.image_size, self.max_image_pixels)
         except ImageLoadError as exc:
             if self.on_error == "raise":
                 raise
@@ -207,6 +278,8 @@ class RegionQueryDataModule(LightningDataModule):
             ``"skip"`` leaves such regions out and the generator counts and reports them.
         coord_options: codec options (e.g. ``qwen2_5_vl``'s ``resized_size``/``min_pixels``/``max_pixels``);
             must equal the generator's.
+        max_image_pixels: images with more pixels (width x height, read from the header) are refused before
+            decoding, as missing/corrupt ones are (``on_error``); ``None``: only PIL's own guard applies.
     """
 
     def __init__(
@@ -226,6 +299,7 @@ class RegionQueryDataModule(LightningDataModule):
         max_images: int | None = None,
         on_error: OnError = "raise",
         coord_options: dict[str, Any] | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
@@ -248,13 +322,21 @@ class RegionQueryDataModule(LightningDataModule):
         self.skip_done_in = skip_done_in
         self.max_images = max_images
         self.on_error = on_error
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
         self.specs: list[RegionSpec] | None = None
+        self.skipped_annotations = 0
         self.num_done = 0
 
     def build_index(self) -> AnnotationIndex:
         """The filtered annotation index (first ``max_images`` images)."""
-        index = filter_annotations(load_annotations(self.annotations, on_error=self.on_error),
-                                   min_object_area=self.min_object_area, min_objects=self.min_objects)
+        raw = load_annotations(self.annotations, on_error=self.on_error)
+        self.skipped_annotations = raw.skipped
+        if raw.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(raw.skip_reasons.items()))
+            log.warning("%s: skipped %d invalid entries (on_error=skip): %s", self.annotations, raw.skipped, reasons)
+        index = filter_annotations(raw, min_object_area=self.min_object_area, min_objects=self.min_objects)
         if self.max_images is not None:
             index = index.subset(index.image_ids[: self.max_images])
         return index
@@ -267,6 +349,12 @@ class RegionQueryDataModule(LightningDataModule):
         index = self.build_index()
         every = build_region_specs(index, self.sampler, self.templates, self.regions_per_image, self.seed,
                                    self.codec, self.coord_format)
+        if not every:  # a run that would "succeed" writing nothing: an empty file or filters that drop everything
+            raise ValueError(
+                f"{self.annotations}: no region queries: {len(index)} images are left after filtering "
+                f"(min_object_area={self.min_object_area}, more than min_objects={self.min_objects} objects; "
+                f"{self.skipped_annotations} invalid entries skipped)"
+            )
         self.specs = [s for s in every if sanitize_key(s.region_id) not in done]
         self.num_done = len(every) - len(self.specs)
         log.info("%s: %d images, %d regions (%d already written, %d to generate)",
@@ -297,6 +385,6 @@ class RegionQueryDataModule(LightningDataModule):
         world = self._world_size()
         # Lightning's predict sampler asserts every rank gets an index: pad with placeholders when needed.
         length = world if 0 < len(self.specs) < world else len(self.specs)
-        dataset = RegionDataset(self.specs, self.image_root, self.on_error, length)
+        dataset = RegionDataset(self.specs, self.image_root, self.on_error, length, self.max_image_pixels)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=collate_regions, persistent_workers=False)

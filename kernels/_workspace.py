@@ -33,7 +33,10 @@ def float_buffers(shape: torch.Size | tuple[int, ...], count: int, device: torch
     if device.type != "cpu" or numel == 0 or 4 * numel * count > MAX_BYTES:
         return [None] * count
     buffer: Tensor | None = getattr(_local, "buffer", None)
-    if buffer is None or buffer.numel() < numel * count:
+    # A buffer made under `torch.inference_mode()` (e.g. inside Lightning's predict) cannot be written
+    # outside it, and vice versa: make a new one when the mode changed.
+    if (buffer is None or buffer.numel() < numel * count
+            or buffer.is_inference() != torch.is_inference_mode_enabled()):
         buffer = torch.empty(numel * count, dtype=torch.float32)
         _local.buffer = buffer
     return [buffer[i * numel : (i + 1) * numel].view(shape) for i in range(count)]

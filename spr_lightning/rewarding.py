@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _COUNTERS = (
     "queries", "pairs", "ties", "too_few", "candidates", "chosen_total", "rejected_total", "chosen_loc",
-    "rejected_loc", "chosen_sem", "rejected_sem", "snapped", "kept", "unmatched", "duplicates",
+    "rejected_loc", "chosen_sem", "rejected_sem", "snapped", "kept", "unmatched", "duplicates", "skipped",
 )  # fmt: skip
 
 
@@ -55,11 +55,13 @@ def select_pair(totals: Sequence[float], texts: Sequence[str], min_score_gap: fl
     """``(best, worst)`` candidate indices, or ``None`` when they tie.
 
     The first maximum and the first minimum win (deterministic). A tie is a gap ``<= min_score_gap`` or the
-    same text on both sides: such a pair teaches nothing, so the query is skipped.
+    same text on both sides: such a pair teaches nothing, so the query is skipped. A blank candidate (the model
+    wrote nothing) can be the rejected answer but never the chosen one: it describes nothing.
     """
-    if len(totals) < 2:
+    said = [i for i, text in enumerate(texts) if text.strip()]
+    if len(totals) < 2 or not said:
         return None
-    best = max(range(len(totals)), key=lambda i: (totals[i], -i))
+    best = max(said, key=lambda i: (totals[i], -i))
     worst = min(range(len(totals)), key=lambda i: (totals[i], i))
     if totals[best] - totals[worst] <= min_score_gap or texts[best] == texts[worst]:
         return None
@@ -150,8 +152,17 @@ class PreferenceBuilder(LightningModule):
 
     # ------------------------------------------------------------------------------------------ per batch
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """Score all candidates of every query in ``batch``; return the pair samples for the shard writer."""
-        queries = [self._parse(sample) for sample in batch]
+        """Score all candidates of every query in ``batch``; return the pair samples for the shard writer.
+
+        Samples the data module could not read (``on_error="skip"``: they carry an ``error``) are counted and
+        logged, never scored."""
+        for sample in batch:
+            if "error" in sample:
+                self.counts["skipped"] += 1
+                log.warning("skipping unreadable candidate sample: %s", sample["error"])
+        queries = [self._parse(sample) for sample in batch if "error" not in sample]
+        if not queries:
+            return []
         self._ground(queries)
         loc = self._localization(queries)
         sem = self._semantic(queries)
@@ -322,6 +333,9 @@ class PreferenceBuilder(LightningModule):
             return
         message = format_summary(self.summary)
         log.info(message)
+        if self.summary["skipped"]:
+            log.warning("PreferenceBuilder: %d unreadable candidate samples were skipped (on_error=skip)",
+                        self.summary["skipped"])
         print(message, flush=True)
         if self.trainer.logger is not None:
             self.trainer.logger.log_metrics({f"score/{k}": v for k, v in self.summary.items()})
@@ -330,7 +344,7 @@ class PreferenceBuilder(LightningModule):
 def summarize(counts: dict[str, float], semantic: bool = True) -> dict[str, float]:
     """Run summary from summed counters: counts, and mean scores of the chosen and rejected sides."""
     pairs = max(counts["pairs"], 1.0)
-    out = {name: counts[name] for name in ("queries", "pairs", "ties", "too_few", "candidates")}
+    out = {name: counts.get(name, 0.0) for name in ("queries", "pairs", "ties", "too_few", "candidates", "skipped")}
     for side in ("chosen", "rejected"):
         out[f"{side}_total"] = counts[f"{side}_total"] / pairs
         out[f"{side}_loc"] = counts[f"{side}_loc"] / pairs
@@ -345,7 +359,8 @@ def format_summary(summary: dict[str, float]) -> str:
     """One readable line per group for the log and the terminal."""
     lines = [
         "PreferenceBuilder: {queries:.0f} queries ({candidates:.0f} candidates) -> {pairs:.0f} pairs; "
-        "{ties:.0f} ties, {too_few:.0f} with fewer than two distinct candidates".format(**summary),
+        "{ties:.0f} ties, {too_few:.0f} with fewer than two distinct candidates; "
+        "{skipped:.0f} unreadable samples skipped".format(**summary),
         "  mean S   chosen {chosen_total:.4f}  rejected {rejected_total:.4f}".format(**summary),
         "  mean loc chosen {chosen_loc:.4f}  rejected {rejected_loc:.4f}".format(**summary),
     ]

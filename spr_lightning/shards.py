@@ -58,8 +58,16 @@ def validate_record(kind: str, record: Any, *, shard: str = "?", key: str = "?")
         raise ShardFormatError(f"{where}: missing field(s) {missing} for a {kind} record")
     if kind == "candidates" and not isinstance(record["candidates"], list):
         raise ShardFormatError(f"{where}: 'candidates' must be a list of strings")
-    if kind == "pairs" and not (isinstance(record["chosen"], str) and isinstance(record["rejected"], str)):
-        raise ShardFormatError(f"{where}: 'chosen' and 'rejected' must be strings")
+    if kind == "pairs":
+        chosen, rejected = record["chosen"], record["rejected"]
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ShardFormatError(f"{where}: 'chosen' and 'rejected' must be strings")
+        if not chosen.strip():
+            # A blank rejected answer is a fair negative (the model said nothing); a blank chosen one is not.
+            raise ShardFormatError(f"{where}: 'chosen' is blank: a preferred answer must say something")
+        if chosen == rejected:
+            # DPO's loss is exactly ln 2 with zero gradient on such a pair: a bug upstream, not training data.
+            raise ShardFormatError(f"{where}: 'chosen' equals 'rejected', the pair teaches nothing")
     return dict(record)
 
 
@@ -72,16 +80,26 @@ def manifest_path(output_dir: str | Path, rank: int) -> Path:
     return Path(output_dir) / f"manifest-r{rank:03d}.jsonl"
 
 
+def _is_entry(entry: Any) -> bool:
+    """A manifest line as :func:`append_manifest` writes it, naming a file *inside* the directory: a line that
+    names ``../x`` or an absolute path (hand-edited, or another tool's file) is never followed by a reader."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("keys"), list):
+        return False
+    shard = entry.get("shard")
+    return isinstance(shard, str) and shard == Path(shard).name and shard not in ("", ".", "..")
+
+
 def read_manifests(output_dir: str | Path) -> list[dict[str, Any]]:
-    """All complete-shard entries of all ranks whose shard file exists (a torn last line is ignored)."""
+    """All complete-shard entries of all ranks whose shard file exists (a torn last line is ignored, and so is
+    an entry whose shard was deleted: deleting a damaged shard and re-running its stage re-makes its samples)."""
     entries: list[dict[str, Any]] = []
     for path in sorted(Path(output_dir).glob(MANIFEST_GLOB)):
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-append; its shard is re-made on resume
-            if (Path(output_dir) / entry["shard"]).exists():
+                continue  # a line cut by a crash mid-append; its shard is adopted or re-made on resume
+            if _is_entry(entry) and (Path(output_dir) / entry["shard"]).is_file():
                 entries.append(entry)
     return entries
 
@@ -103,8 +121,14 @@ def append_manifest(output_dir: str | Path, rank: int, shard: str, keys: Iterabl
     """Record a complete shard; fsync'd so a manifest line never outlives a lost shard."""
     keys = list(keys)
     line = json.dumps({"shard": shard, "count": len(keys), "keys": keys}) + "\n"
-    with open(manifest_path(output_dir, rank), "a", encoding="utf-8") as handle:
-        handle.write(line)
+    path = manifest_path(output_dir, rank)
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                line = "\n" + line  # a crash cut the last line: end it, or this entry would be glued onto it
+        handle.write(line.encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -115,3 +139,17 @@ def next_shard_index(output_dir: str | Path, prefix: str, rank: int) -> int:
     indices = [int(m.group(1)) for p in Path(output_dir).glob(f"{prefix}-r{rank:03d}-*.tar")
                if (m := pattern.match(p.name))]
     return max(indices, default=-1) + 1
+
+
+class ShardReadErrorHandler:
+    """WebDataset ``handler`` for shard-level failures (open, tar expansion): re-raise naming the shard."""
+
+    def __call__(self, exn: Exception) -> bool:
+        # WebDataset appends the stream and the url to a tar error's args; an open error names its file.
+        url = getattr(exn, "filename", None) or next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), "?")
+        reason = getattr(exn, "strerror", None) or (exn.args[0] if exn.args else exn)
+        raise ShardFormatError(
+            f"{url}: cannot read this shard ({type(exn).__name__}: {reason}); it is truncated, corrupt or gone. "
+            "Delete it and re-run the stage that wrote it: its manifest entry is then ignored and its samples "
+            "are made again"
+        ) from exn

@@ -54,7 +54,7 @@ def test_resume_from_last_checkpoint_continues_the_same_curve(pair_shards, tmp_p
     # Interrupted at step 4 of the same 8-step schedule (a max_steps=4 run would have another LR schedule).
     fit("llava", pair_shards, resumed, model, "--trainer.max_steps=8",
         "--trainer.callbacks+=stop_at_step.StopAtStep", "--trainer.callbacks.step=4")
-    ckpt = next(resumed.glob("logs/version_0/checkpoints/last.ckpt"))
+    ckpt = next(resumed.glob("checkpoints/last.ckpt"))
     state = torch.load(ckpt, weights_only=False, map_location="cpu")
     assert all("lora_" in key for key in state["state_dict"]), "checkpoint must hold only LoRA weights"
     assert state["optimizer_states"] and state["lr_schedulers"]

@@ -165,7 +165,7 @@ def test_fit_overfits_and_the_merged_export_generates_the_trained_boxes(tiny_mod
     val = metric_rows(out, "val/token_accuracy")
     assert float(val[-1]["val/token_accuracy"]) > max(0.9, float(val[0]["val/token_accuracy"]))
 
-    checkpoint = torch.load(next(out.glob("logs/version_0/checkpoints/last.ckpt")), map_location="cpu",
+    checkpoint = torch.load(next(out.glob("checkpoints/last.ckpt")), map_location="cpu",
                             weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k or "modules_to_save" in k for k in checkpoint["state_dict"])
 
@@ -245,7 +245,7 @@ def test_resume_from_last_checkpoint_continues_the_same_curve(tiny_models, tmp_p
     fit(straight)
     # Interrupted at the end of epoch 2 (two shuffled batches an epoch) of the same 8-step schedule.
     fit(resumed, "--trainer.callbacks+=stop_at_step.StopAtStep", "--trainer.callbacks.step=4")
-    fit(resumed, f"--ckpt_path={resumed / 'logs/version_0/checkpoints/last.ckpt'}")
+    fit(resumed, f"--ckpt_path={resumed / 'checkpoints/last.ckpt'}")
     losses = [float(r["train/loss"]) for r in metric_rows(straight, "train/loss")]
     resumed_losses = [float(r["train/loss"]) for r in metric_rows(resumed, "train/loss")]
     assert len(losses) == 8 and resumed_losses == pytest.approx(losses, abs=1e-5)

@@ -165,14 +165,17 @@ def filter_annotations(
 
     Args:
         index: from :func:`load_annotations`.
-        min_object_area: objects with box area below this are removed (300 px² in SPR; 300 itself is kept).
+        min_object_area: objects with box area below this are removed (300 px² in SPR; 300 itself is kept);
+            zero-area boxes are removed even with ``min_object_area=0``.
         min_objects: images keep only if they have strictly more objects than this after the object filters
             (SPR: "images containing more than eight objects").
         drop_crowd: remove crowd objects before counting.
         drop_crowd_images: remove every image that has a crowd object.
     """
     arrays = index._arrays  # same module: the filters are vectorised over the flat arrays
-    keep = arrays["area"] >= min_object_area
+    # Zero-area boxes (w or h of 0, or wholly outside the image once clipped) are never objects, whatever
+    # min_object_area says: nothing can be described there and their IoU with anything is undefined.
+    keep = (arrays["area"] >= min_object_area) & (arrays["area"] > 0)
     crowd = arrays["iscrowd"]
     if drop_crowd:
         keep &= ~crowd
@@ -258,6 +261,7 @@ def _read_annotations(
     pos = {image_id: i for i, image_id in enumerate(images)}
     rows: list[tuple[float, float, float, float]] = []
     area, cat_ids, ann_ids, crowd, image_pos = [], [], [], [], []
+    seen: set[int] = set()
     for i, ann in enumerate(raw):
         aid = ann.get("id", f"#{i}") if isinstance(ann, Mapping) else f"#{i}"
         missing = [k for k in ("id", "image_id", "bbox", "category_id") if not isinstance(ann, Mapping) or k not in ann]
@@ -267,6 +271,10 @@ def _read_annotations(
         if not isinstance(ann["id"], int) or isinstance(ann["id"], bool):
             rep.invalid("annotation", aid, "id must be an integer", ann["id"])
             continue
+        if ann["id"] in seen:  # a merged or concatenated file: the second copy would double the object
+            rep.invalid("annotation", aid, "duplicate annotation id")
+            continue
+        seen.add(ann["id"])
         bbox = ann["bbox"]
         xywh = [_number(v) for v in bbox] if isinstance(bbox, list | tuple) and len(bbox) == 4 else None
         if xywh is None or any(v is None for v in xywh):
@@ -314,7 +322,9 @@ def load_annotations(
     Boxes arrive as ``[x, y, w, h]`` and are stored as ``xyxy`` pixels clipped to the image. An annotation with
     missing fields, non-finite numbers, negative width/height, or an unknown image/category id is invalid:
     ``on_error="raise"`` raises ``ValueError`` naming the file and the annotation id; ``on_error="skip"`` drops
-    it and counts it in ``index.skipped``. Images without a usable id/size/file name are treated the same way.
+    it and counts it in ``index.skipped``. Images without a usable id/size/file name, and repeated image or
+    annotation ids, are treated the same way. A box reaching outside the image is clipped to it (not an error:
+    COCO has many that overhang by a fraction of a pixel).
 
     Args:
         source: path to the JSON file, or the already-parsed dict.

@@ -16,6 +16,7 @@ grounds and maps the boxes back to the full image with :func:`spr_lightning.regi
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -218,7 +219,14 @@ class GroundingDinoPy(nn.Module):
         if text_encoder is not None:
             args.text_encoder_type = str(text_encoder)
         self.model = build_model(args)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # Tensors only: a checkpoint that needs arbitrary unpickling (code execution) is refused.
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{checkpoint}: refusing to unpickle non-tensor objects (weights_only=True). Re-save it as "
+                "{'model': state_dict} with torch.save, or convert it to safetensors"
+            ) from error
         self.load_report = self.model.load_state_dict(clean_state_dict(state["model"]), strict=False)
         self.model.eval().requires_grad_(False).to(device)
         self.transform = T.Compose(
