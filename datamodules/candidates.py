@@ -25,17 +25,13 @@ shard: the samples past the damage are unknown, so skipping could not say what w
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import webdataset as wds
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, get_worker_info
-
 from datamodules.preference import expand_urls
 from datamodules.regions import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, open_rgb_image
-from spr_lightning.shards import ShardFormatError, ShardReadErrorHandler, done_keys, list_shards, validate_record
+from datamodules.shard_predict import ShardPredictDataModule, collate_samples
+from spr_lightning.shards import ShardFormatError, list_shards, validate_record
 
 __all__ = ["CandidateDataModule", "candidate_shards", "collate_samples"]
 
@@ -50,63 +46,6 @@ def candidate_shards(urls: str | list[str]) -> list[str]:
         complete = list_shards(item, "candidates") if Path(item).is_dir() else []
         out.extend(complete or expand_urls(item))
     return out
-
-
-def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The batch is the list of samples (images and records of different sizes do not stack)."""
-    return list(samples)
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class _ShardsOfRank:
-    """Node splitter: shards ``rank, rank + world, ...`` (picklable, rank fixed when the loader is built)."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-
-    def __call__(self, urls: Iterable[Any]) -> Iterator[Any]:
-        for index, url in enumerate(urls):
-            if index % self.world == self.rank:
-                yield url
-
-
-def _shards_of_worker(urls: Iterable[Any]) -> Iterator[Any]:
-    worker, workers = _worker()
-    for index, url in enumerate(urls):
-        if index % workers == worker:
-            yield url
-
-
-def _every_shard(urls: Iterable[Any]) -> Iterator[Any]:
-    yield from urls
-
-
-class _SamplesOfReader:
-    """Pipeline stage for few shards: sample ``n`` goes to reader ``n % (world * workers)``."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-
-    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        worker, workers = _worker()
-        slot, slots = self.rank * workers + worker, self.world * workers
-        for index, sample in enumerate(source):
-            if index % slots == slot:
-                yield sample
-
-
-class _NotDone:
-    """Filter: drop samples whose key is already in a complete pairs shard (resume)."""
-
-    def __init__(self, done: frozenset[str]) -> None:
-        self.done = done
-
-    def __call__(self, sample: dict[str, Any]) -> bool:
-        return sample["__key__"] not in self.done
 
 
 class _DecodeCandidates:
@@ -154,7 +93,7 @@ class _DecodeCandidates:
         }
 
 
-class CandidateDataModule(LightningDataModule):
+class CandidateDataModule(ShardPredictDataModule):
     """Streams candidate shards for the scoring stage (``python -m spr_lightning predict``).
 
     Args:
@@ -179,47 +118,14 @@ class CandidateDataModule(LightningDataModule):
         on_error: Literal["raise", "skip"] = "raise",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        super().__init__(urls, batch_size, num_workers, skip_done_in)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.urls = urls
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.skip_done_in = skip_done_in
         self.on_error = on_error
         self.max_image_pixels = max_image_pixels
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    def shard_list(self) -> list[str]:
+        return candidate_shards(self.urls)
 
-    def dataset(self, rank: int = 0, world: int = 1) -> wds.WebDataset:
-        """The sample stream of ``rank`` out of ``world`` (this rank's share, before worker splitting)."""
-        shards = candidate_shards(self.urls)
-        readers = world * max(self.num_workers, 1)
-        by_shard = len(shards) >= readers
-        dataset = wds.WebDataset(
-            shards,
-            shardshuffle=False,
-            handler=ShardReadErrorHandler(),
-            empty_check=False,  # a rank with no work left (resume) yields nothing instead of raising
-            nodesplitter=_ShardsOfRank(rank, world) if by_shard else _every_shard,
-            workersplitter=_shards_of_worker if by_shard else _every_shard,
-        )
-        if not by_shard:
-            dataset = dataset.compose(_SamplesOfReader(rank, world))
-        done = done_keys(self.skip_done_in) if self.skip_done_in else set()
-        if done:
-            dataset = dataset.select(_NotDone(frozenset(done)))
-        return dataset.map(_DecodeCandidates(self.on_error, self.max_image_pixels))
-
-    def predict_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        return DataLoader(
-            self.dataset(rank, world),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_samples,
-        )
+    def decoder(self) -> _DecodeCandidates:
+        return _DecodeCandidates(self.on_error, self.max_image_pixels)

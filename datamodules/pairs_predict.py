@@ -22,29 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import webdataset as wds
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 from webdataset import autodecode
 
-from datamodules.candidates import _every_shard, _SamplesOfReader, _shards_of_worker, _ShardsOfRank, collate_samples
-from datamodules.preference import expand_urls
-from spr_lightning.shards import ShardFormatError, done_keys, sanitize_key, validate_record
+from datamodules.shard_predict import ShardPredictDataModule
+from spr_lightning.shards import ShardFormatError, validate_record
 
 __all__ = ["PairShardsPredictDataModule", "RAW_KEY"]
 
 #: Sample entry holding the original encoded payload but ``json`` (``{extension: bytes}``); not a tar member.
 RAW_KEY = "__raw__"
-
-
-class _NotDone:
-    """Filter: drop samples whose (sanitised, as the writer stores it) key is already in a complete shard."""
-
-    def __init__(self, done: frozenset[str]) -> None:
-        self.done = done
-
-    def __call__(self, sample: dict[str, Any]) -> bool:
-        return sanitize_key(sample["__key__"]) not in self.done
 
 
 class _DecodePair:
@@ -71,7 +57,7 @@ class _DecodePair:
         return decoded
 
 
-class PairShardsPredictDataModule(LightningDataModule):
+class PairShardsPredictDataModule(ShardPredictDataModule):
     """Streams pair shards for a ``predict`` pass, each pair exactly once across ranks and workers.
 
     A batch is the list of samples ``{"__key__", "__url__", "json": dict, "jpg": PIL, ..., "__raw__":
@@ -93,42 +79,7 @@ class PairShardsPredictDataModule(LightningDataModule):
         num_workers: int = 0,
         skip_done_in: str | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        self.urls = urls
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.skip_done_in = skip_done_in
+        super().__init__(urls, batch_size, num_workers, skip_done_in)
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def dataset(self, rank: int = 0, world: int = 1) -> wds.WebDataset:
-        """The sample stream of ``rank`` out of ``world`` (this rank's share, before worker splitting)."""
-        shards = expand_urls(self.urls)
-        readers = world * max(self.num_workers, 1)
-        by_shard = len(shards) >= readers
-        dataset = wds.WebDataset(
-            shards,
-            shardshuffle=False,
-            empty_check=False,  # a rank with no work left (resume) yields nothing instead of raising
-            nodesplitter=_ShardsOfRank(rank, world) if by_shard else _every_shard,
-            workersplitter=_shards_of_worker if by_shard else _every_shard,
-        )
-        if not by_shard:
-            dataset = dataset.compose(_SamplesOfReader(rank, world))
-        done = done_keys(self.skip_done_in) if self.skip_done_in else set()
-        if done:
-            dataset = dataset.select(_NotDone(frozenset(done)))
-        return dataset.map(_DecodePair())
-
-    def predict_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        return DataLoader(
-            self.dataset(rank, world),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_samples,
-        )
+    def decoder(self) -> _DecodePair:
+        return _DecodePair()

@@ -14,7 +14,7 @@ import yaml
 from conftest import write_pair_shards
 from lightning.pytorch import Trainer
 
-import datamodules.candidates as candidates
+import datamodules.shard_predict as shard_predict
 from callbacks import ShardWriter
 from datamodules.pairs_predict import RAW_KEY, PairShardsPredictDataModule
 from datamodules.preference import PreferenceDataModule, expand_urls
@@ -62,7 +62,7 @@ def test_every_pair_goes_to_exactly_one_reader_with_its_original_bytes(tmp_path,
     seen: list[list[str]] = []
     for rank in range(world):
         for worker in range(workers):
-            monkeypatch.setattr(candidates, "_worker", lambda worker=worker: (worker, workers))
+            monkeypatch.setattr(shard_predict, "_worker", lambda worker=worker: (worker, workers))
             samples = list(data.dataset(rank, world))
             seen.append([s["__key__"] for s in samples])
             for sample in samples:
