@@ -11,7 +11,7 @@ from spr_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMAND = {"smoke": "fit", "dpo": "fit", "eval": "validate", "generate": "predict", "score": "predict",
-              "ref_logps": "predict", "quickstart": None, "sft": "fit"}
+              "ref_logps": "predict", "sft": "fit", "clip": "fit"}
 STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "strategy")
 
 
@@ -33,6 +33,9 @@ def test_smoke_config_fits_two_steps_then_validates(tmp_path):
 
 
 def stage_of(path: Path) -> str | None:
+    """The subcommand of a config: by folder, or for the quickstart's flat folder by file name."""
+    if path.parent.name == "quickstart":
+        return SUBCOMMAND.get(path.stem.split("_")[0])
     return SUBCOMMAND.get(path.parent.name, "fit")
 
 
