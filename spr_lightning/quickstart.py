@@ -1,0 +1,390 @@
+"""``python -m spr_lightning.quickstart``: the whole SPR loop, offline on a CPU, on the SPR-Shapes world.
+
+Random tiny models write noise, so the quickstart first *teaches* small models the synthetic world, then lets SPR
+improve the VLM, and measures what SPR changed:
+
+====================  ==================================================================================
+stage                 what runs (every model stage is ``spr_lightning.cli.cli_main`` on a YAML config)
+====================  ==================================================================================
+``world``             :func:`spr_lightning.shapes.write_world`: images, COCO/REC/phrase annotations, SFT data
+``base``              :func:`spr_lightning.tiny.small_llava.build_small_llava`: a random small LLaVA
+``clip``              ``fit`` ``configs/quickstart/clip.yaml``: a small open_clip trained on the world's crops
+``sft``               ``fit`` ``configs/quickstart/sft.yaml``: the LLaVA learns grounded answers (SFTModule)
+``generate``          ``predict`` ``configs/quickstart/generate.yaml``: region descriptions (SPR §3.1)
+``score``             ``predict`` ``configs/quickstart/score.yaml``: CLIP + Algorithm 1 + refinement (SPR §3.2)
+``dpo``               ``fit`` ``configs/quickstart/dpo.yaml``: LoRA DPO on the pairs (SPR §3.3)
+``eval``              ``validate`` ``configs/quickstart/eval_{rec,phrase}.yaml``: SFT model vs SFT + DPO adapter
+====================  ==================================================================================
+
+Each stage's resolved config is written to ``<out>/configs/<stage>.yaml`` (rerun any stage by hand with
+``python -m spr_lightning <subcommand> --config <out>/configs/<stage>.yaml``), and a ``DONE`` file in the stage's
+folder marks it finished: running the quickstart again skips finished stages (``--redo STAGE`` reruns one and
+everything after it). The end is a table of REC Acc@0.5-0.9 and phrase Recall@1 before and after SPR, printed
+and saved with the DPO reward curves as ``<out>/quickstart.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SIZES", "QuickstartSize", "main", "run_quickstart"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+STAGES = ("world", "base", "clip", "sft", "generate", "score", "dpo", "eval")
+SFT_TASKS = ("rec", "phrase", "region")
+REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
+
+
+@dataclass(frozen=True)
+class QuickstartSize:
+    """How big each stage is: world images, model shape, training steps, generated regions, evaluated samples."""
+
+    world: dict[str, int]
+    model: dict[str, int] = field(default_factory=dict)
+    clip_steps: int = 200
+    clip_batch_size: int = 32
+    sft_steps: int = 400
+    sft_batch_size: int = 16
+    generate_images: int = 150
+    num_candidates: int = 4
+    max_new_tokens: int = 200
+    dpo_epochs: int = 2
+    dpo_max_steps: int = -1
+    dpo_batch_size: int = 4
+    rec_samples: int | None = 200
+    phrase_samples: int | None = 100
+
+
+#: ``toy`` is for tests (minutes, numbers meaningless); ``small`` the default; ``full`` the longer run.
+SIZES: dict[str, QuickstartSize] = {
+    "toy": QuickstartSize(
+        world={"train": 12, "val": 2, "test": 3},
+        model={"image_size": 32, "patch_size": 16, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 64,
+               "text_layers": 1},
+        clip_steps=2, clip_batch_size=8, sft_steps=2, sft_batch_size=4, generate_images=4, num_candidates=3,
+        max_new_tokens=24, dpo_epochs=2, dpo_max_steps=2, dpo_batch_size=2, rec_samples=4, phrase_samples=2,
+    ),
+    "small": QuickstartSize(
+        world={"train": 600, "val": 50, "test": 100},
+        model={"image_size": 64, "patch_size": 16, "vision_layers": 2, "text_hidden": 128, "text_layers": 2},
+        clip_steps=150, sft_steps=400, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
+        phrase_samples=40,
+    ),
+    "full": QuickstartSize(
+        world={"train": 3000, "val": 200, "test": 300},
+        clip_steps=600, sft_steps=2000, generate_images=600, dpo_epochs=3, rec_samples=1000, phrase_samples=300,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def set_in(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_in(cfg, "model.init_args.lr", 1e-3)``; a ``[i]`` part indexes a list (``trainer.callbacks[0]``)."""
+    node: Any = config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        name, _, index = part.partition("[")
+        node = node.setdefault(name, {}) if name else node
+        if index:
+            node = node[int(index.rstrip("]"))]
+    node[parts[-1]] = value
+
+
+def write_config(template: str, out: Path, overrides: dict[str, Any]) -> Path:
+    """``configs/quickstart/<template>`` with ``overrides`` applied, written to ``out`` (what the stage runs)."""
+    config = yaml.safe_load((CONFIG_DIR / template).read_text(encoding="utf-8"))
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        set_in(config, key, value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# Written by python -m spr_lightning.quickstart from configs/quickstart/{template}.\n"
+    out.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def run_cli(subcommand: str, config: Path) -> Any:
+    """One stage through the project's LightningCLI, as ``python -m spr_lightning <subcommand> --config``."""
+    from spr_lightning.cli import cli_main
+
+    print(f"\n$ python -m spr_lightning {subcommand} --config {config}", flush=True)
+    argv = sys.argv
+    sys.argv = argv[:1]  # the quickstart's own flags are not the stage's (LightningCLI warns when it sees both)
+    try:
+        return cli_main([subcommand, "--config", str(config)])
+    finally:
+        sys.argv = argv
+
+
+class Run:
+    """The run folder: stage folders, ``DONE`` markers, and the resolved configs."""
+
+    def __init__(self, root: Path, size_name: str) -> None:
+        self.root = root
+        self.size_name = size_name
+        self.size = SIZES[size_name]
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def done(self, stage: str) -> bool:
+        return self.path(stage, "DONE").is_file()
+
+    def mark_done(self, stage: str, info: dict[str, Any]) -> None:
+        marker = self.path(stage, "DONE")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"size": self.size_name, **info}, indent=2), encoding="utf-8")
+
+    def config(self, stage: str, template: str, overrides: dict[str, Any]) -> Path:
+        return write_config(template, self.path("configs", f"{stage}.yaml"), overrides)
+
+
+# -------------------------------------------------------------------------------------------- stages
+def stage_world(run: Run) -> dict[str, Any]:
+    from spr_lightning.shapes import write_world
+
+    paths = write_world(run.path("world"), run.size.world, seed=0, image_size=224, coord_format="ferret",
+                        workers=min(2, os.cpu_count() or 1))
+    tasks = set(SFT_TASKS)
+    lines = [line for line in paths.sft["train"].read_text(encoding="utf-8").splitlines()
+             if json.loads(line)["task"] in tasks]
+    run.path("world", "sft_quickstart_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"images": run.size.world, "sft_samples": len(lines)}
+
+
+def stage_base(run: Run) -> dict[str, Any]:
+    from spr_lightning.tiny.small_llava import build_small_llava
+
+    build_small_llava(run.path("base", "model"), **run.size.model)
+    return {"model": run.size.model}
+
+
+def stage_clip(run: Run) -> dict[str, Any]:
+    world, s = run.path("world"), run.size
+    config = run.config("clip", "clip.yaml", {
+        "trainer.max_steps": s.clip_steps, "trainer.default_root_dir": str(run.path("clip")),
+        "trainer.logger.init_args.save_dir": str(run.path("clip")),
+        "trainer.callbacks[0].init_args.dirpath": str(run.path("clip", "model")),
+        "data.init_args.annotations": str(world / "annotations" / "instances_train.json"),
+        "data.init_args.image_root": str(world / "images"), "data.init_args.batch_size": s.clip_batch_size,
+    })  # fmt: skip
+    run_cli("fit", config)
+    return {"model": str(run.path("clip", "model", "final"))}
+
+
+def stage_sft(run: Run) -> dict[str, Any]:
+    s = run.size
+    config = run.config("sft", "sft.yaml", {
+        "trainer.max_steps": s.sft_steps, "trainer.default_root_dir": str(run.path("sft")),
+        "trainer.logger.init_args.save_dir": str(run.path("sft")),
+        "trainer.callbacks[0].init_args.dirpath": str(run.path("sft", "model")),
+        "model.init_args.model_name_or_path": str(run.path("base", "model")),
+        "data.init_args.train_file": str(run.path("world", "sft_quickstart_train.jsonl")),
+        "data.init_args.image_root": str(run.path("world")), "data.init_args.batch_size": s.sft_batch_size,
+    })  # fmt: skip
+    run_cli("fit", config)
+    return {"model": str(run.path("sft", "model", "final"))}
+
+
+def stage_generate(run: Run) -> dict[str, Any]:
+    world, s, shards = run.path("world"), run.size, str(run.path("generate", "candidates"))
+    config = run.config("generate", "generate.yaml", {
+        "trainer.callbacks[0].init_args.output_dir": shards,
+        "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
+        "model.init_args.num_candidates": s.num_candidates, "model.init_args.max_new_tokens": s.max_new_tokens,
+        "data.init_args.annotations": str(world / "annotations" / "instances_train.json"),
+        "data.init_args.image_root": str(world / "images"), "data.init_args.skip_done_in": shards,
+        "data.init_args.max_images": s.generate_images,
+    })  # fmt: skip
+    run_cli("predict", config)
+    return {"shards": shards}
+
+
+def stage_score(run: Run) -> dict[str, Any]:
+    shards = str(run.path("score", "pairs"))
+    config = run.config("score", "score.yaml", {
+        "trainer.callbacks[0].init_args.output_dir": shards,
+        "model.init_args.semantic_scorer.init_args.model_name": str(run.path("clip", "model", "final")),
+        "data.init_args.urls": str(run.path("generate", "candidates")), "data.init_args.skip_done_in": shards,
+    })  # fmt: skip
+    cli = run_cli("predict", config)
+    summary = dict(getattr(cli.model, "summary", {}) or {})
+    if not summary.get("pairs"):
+        raise RuntimeError("the scoring stage made no preference pairs (every region's candidates tied): "
+                           "generate more regions or candidates")
+    return {"shards": shards, "summary": summary}
+
+
+def stage_dpo(run: Run) -> dict[str, Any]:
+    s = run.size
+    config = run.config("dpo", "dpo.yaml", {
+        "trainer.max_epochs": s.dpo_epochs, "trainer.max_steps": s.dpo_max_steps,
+        "trainer.default_root_dir": str(run.path("dpo")), "trainer.logger.init_args.save_dir": str(run.path("dpo")),
+        "trainer.callbacks[0].init_args.dirpath": str(run.path("dpo", "adapter")),
+        "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
+        "data.init_args.train_urls": str(run.path("score", "pairs")), "data.init_args.batch_size": s.dpo_batch_size,
+    })  # fmt: skip
+    run_cli("fit", config)
+    return {"adapter": str(run.path("dpo", "adapter", "final"))}
+
+
+def _evaluate(run: Run, task: str, model: str) -> dict[str, float]:
+    world, s = run.path("world"), run.size
+    folder = run.path("eval", f"{task}_{model}")
+    overrides: dict[str, Any] = {
+        "trainer.default_root_dir": str(folder),
+        "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
+        "model.init_args.adapter_path": str(run.path("dpo", "adapter", "final")) if model == "spr" else None,
+        "data.init_args.image_root": str(world / "images"),
+        "data.init_args.max_samples": s.rec_samples if task == "rec" else s.phrase_samples,
+    }
+    if task == "rec":
+        overrides["data.init_args.annotations"] = str(world / "annotations" / "refcoco_shapes.json")
+    else:
+        overrides["data.init_args.annotations"] = str(world / "annotations" / "flickr_test.json")
+        overrides["model.init_args.max_new_tokens"] = s.max_new_tokens
+    cli = run_cli("validate", run.config(f"eval_{task}_{model}", f"eval_{task}.yaml", overrides))
+    metrics = {k.split("/", 1)[-1]: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def stage_eval(run: Run) -> dict[str, Any]:
+    return {f"{task}_{model}": _evaluate(run, task, model) for model in ("sft", "spr") for task in ("rec", "phrase")}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "world": stage_world, "base": stage_base, "clip": stage_clip, "sft": stage_sft, "generate": stage_generate,
+    "score": stage_score, "dpo": stage_dpo, "eval": stage_eval,
+}  # fmt: skip
+#: Stages that start over when they rerun (``predict`` stages resume from their shards instead).
+_RESTART = ("clip", "sft", "dpo", "eval")
+
+
+# -------------------------------------------------------------------------------------------- report
+def metric_rows(results: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``(name, SFT, SFT + SPR)`` in percent: REC Acc@0.5-0.9, then phrase-grounding Recall@1."""
+    rows = [(f"REC Acc@{t}", results["rec_sft"][f"acc@{t}"], results["rec_spr"][f"acc@{t}"]) for t in REC_THRESHOLDS]
+    rows.append(("Phrase Recall@1", results["phrase_sft"]["recall@1"], results["phrase_spr"]["recall@1"]))
+    return [(name, 100 * a, 100 * b) for name, a, b in rows]
+
+
+def format_table(rows: list[tuple[str, float, float]], title: str) -> str:
+    lines = [title, f"{'metric':<18}{'SFT':>9}{'SFT+SPR':>10}{'change':>9}", "-" * 46]
+    lines += [f"{name:<18}{a:>9.1f}{b:>10.1f}{b - a:>+9.1f}" for name, a, b in rows]
+    return "\n".join(lines)
+
+
+def reward_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"rewards/chosen": [(step, value), ...], ...}`` from DPO's CSVLogger file."""
+    import csv
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with metrics_csv.open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                if row.get(name):
+                    curves.setdefault(name, []).append((int(row["step"]), float(row[name])))
+    return curves
+
+
+def plot(rows: list[tuple[str, float, float]], curves: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(rows))
+    left.bar([x - 0.2 for x in xs], [r[1] for r in rows], 0.4, label="SFT")
+    left.bar([x + 0.2 for x in xs], [r[2] for r in rows], 0.4, label="SFT + SPR")
+    left.set_xticks(list(xs), [r[0].replace("REC ", "").replace("Phrase ", "Phr. ") for r in rows], fontsize=8)
+    left.set_ylim(0, max([1.0] + [max(r[1], r[2]) * 1.15 for r in rows]))
+    left.set_ylabel("%")
+    left.set_title("Grounding on the SPR-Shapes test split")
+    left.legend()
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        if name in curves:
+            right.plot(*zip(*curves[name]), label=name.split("/")[1])
+    right.set_xlabel("DPO step")
+    right.set_title("DPO implicit rewards")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report(run: Run, elapsed: float) -> str:
+    results = json.loads(run.path("eval", "DONE").read_text(encoding="utf-8"))["results"]
+    rows = metric_rows(results)
+    logs = sorted(run.path("dpo", "logs").glob("version_*/metrics.csv"))
+    curves = reward_curves(logs[-1]) if logs else {}
+    png = plot(rows, curves, run.path("quickstart.png"))
+    title = f"SPR quickstart ({run.size_name}) on SPR-Shapes, test split: SFT model vs SFT + SPR (DPO adapter)"
+    table = format_table(rows, title)
+    score = json.loads(run.path("score", "DONE").read_text(encoding="utf-8"))["info"].get("summary", {})
+    extra = (f"pairs: {score.get('pairs', 0):.0f} from {score.get('queries', 0):.0f} regions; mean S chosen "
+             f"{score.get('chosen_total', 0):.3f} vs rejected {score.get('rejected_total', 0):.3f}")
+    extra += (f"; refinement snapped {score.get('refine_snapped', 0):.0f} boxes to annotations and removed "
+              f"{score.get('refine_unmatched', 0):.0f} that matched none")
+    if "rewards/margins" in curves:
+        extra += f"; final DPO reward margin {curves['rewards/margins'][-1][1]:+.3f}"
+    text = f"{table}\n{extra}\nplot: {png}\nwall time: {elapsed / 60:.1f} min"
+    run.path("quickstart.txt").write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None) -> str:
+    """Run (or resume) every stage into ``out``; returns the printed report."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if redo is not None and redo not in STAGES:
+        raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run = Run(Path(out).resolve(), size)
+    start = time.perf_counter()
+    for k, stage in enumerate(STAGES):
+        if redo is not None and k >= STAGES.index(redo):
+            shutil.rmtree(run.path(stage), ignore_errors=True)
+        if run.done(stage):
+            print(f"[quickstart] {stage}: done already ({run.path(stage, 'DONE')})", flush=True)
+            continue
+        if stage in _RESTART:
+            shutil.rmtree(run.path(stage), ignore_errors=True)
+        print(f"\n[quickstart] stage {k + 1}/{len(STAGES)}: {stage}", flush=True)
+        began = time.perf_counter()
+        info = STAGE_FUNCTIONS[stage](run)
+        seconds = time.perf_counter() - began
+        run.mark_done(stage, {"seconds": round(seconds, 1), "results" if stage == "eval" else "info": info})
+        print(f"[quickstart] {stage} finished in {seconds:.0f} s", flush=True)
+    text = report(run, time.perf_counter() - start)
+    print("\n" + text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m spr_lightning.quickstart", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/quickstart", help="run folder (stages already DONE there are reused)")
+    # "toy" (the end-to-end test's size) is accepted but not advertised.
+    parser.add_argument("--size", default="small", choices=list(SIZES), metavar="{small,full}",
+                        help="small (default): under 10 min on 2 CPU cores; full: longer, better models")
+    parser.add_argument("--redo", choices=STAGES, help="rerun this stage and every later one")
+    args = parser.parse_args(argv)
+    run_quickstart(args.out, args.size, args.redo)
+
+
+if __name__ == "__main__":
+    main()
