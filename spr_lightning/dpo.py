@@ -21,6 +21,7 @@ from spr_lightning.logprobs import completion_logps
 from spr_lightning.losses import dpo_loss
 from spr_lightning.models import apply_lora, count_parameters, load_policy, load_processor, load_reference
 from spr_lightning.shared_prefix import shared_prefix_logps
+from spr_lightning.training import adamw_cosine, keep_trainable_weights
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +205,10 @@ class DPOModule(LightningModule):
         self._log_stats(self.dpo_step(batch), "val", batch["chosen_input_ids"].shape[0])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import get_cosine_schedule_with_warmup
-
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_ratio,
+                            self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights: the frozen base is reloaded from ``model_name_or_path``."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_weights(self, checkpoint)

@@ -33,6 +33,7 @@ from spr_lightning.models import (
     load_policy,
     load_processor,
 )
+from spr_lightning.training import adamw_cosine, keep_trainable_weights
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +210,15 @@ class SFTModule(LightningModule):
         self.log("val/token_accuracy", stats["token_accuracy"], on_epoch=True, batch_size=weight, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import get_cosine_schedule_with_warmup
-
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_ratio,
+                            self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With LoRA keep only trainable weights (the frozen base is reloaded); otherwise a full checkpoint."""
         if not self.hparams.lora:
             return
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_weights(self, checkpoint)
 
     def export_model(self, out_dir: str | Path) -> Path:
         """Write a plain transformers model (LoRA merged into the base) and the processor to ``out_dir``.
