@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -296,7 +295,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return samples
 
 
-class _GroundingDataModule(LightningDataModule, ABC):
+class _GroundingDataModule(LightningDataModule):
     """Shared loader plumbing: the same samples for ``validate`` and ``test``, unpadded under DDP."""
 
     def __init__(self, image_root: str, batch_size: int, num_workers: int, max_samples: int | None,
@@ -309,9 +308,8 @@ class _GroundingDataModule(LightningDataModule, ABC):
         self.max_image_pixels = max_image_pixels
         self.dataset: GroundingDataset | None = None
 
-    @abstractmethod
     def _load_records(self) -> list[dict[str, Any]]:
-        """The benchmark's samples (subclasses read their own file layout)."""
+        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
