@@ -79,12 +79,12 @@ SIZES: dict[str, QuickstartSize] = {
     "small": QuickstartSize(
         world={"train": 600, "val": 50, "test": 100},
         model={"image_size": 64, "patch_size": 16, "vision_layers": 2, "text_hidden": 128, "text_layers": 2},
-        clip_steps=150, sft_steps=400, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
+        clip_steps=500, sft_steps=3000, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
         phrase_samples=40,
     ),
     "full": QuickstartSize(
         world={"train": 3000, "val": 200, "test": 300},
-        clip_steps=600, sft_steps=2000, generate_images=600, dpo_epochs=3, rec_samples=1000, phrase_samples=300,
+        clip_steps=1000, sft_steps=4000, generate_images=600, dpo_epochs=1, rec_samples=1000, phrase_samples=300,
     ),
 }
 
