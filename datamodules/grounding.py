@@ -309,7 +309,8 @@ class _GroundingDataModule(LightningDataModule):
         self.dataset: GroundingDataset | None = None
 
     def _load_records(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The benchmark's samples; subclasses that use the default ``setup`` read their file layout here."""
+        raise TypeError(f"{type(self).__name__} must define _load_records() or its own setup()")
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
