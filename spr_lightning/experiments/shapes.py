@@ -1,0 +1,746 @@
+"""``python -m spr_lightning.experiments.shapes``: does SPR help on SPR-Shapes, and which of its parts matter?
+
+Runs the quickstart's stages (``spr_lightning.quickstart``, same configs ``configs/quickstart/*.yaml``) for several
+seeds and compares, on the world's held-out splits, the SFT start with SPR-DPO and the paper's ablations:
+
+================  ==================================  ==========================================================
+arm               mirrors                             model evaluated
+================  ==================================  ==========================================================
+``sft``           Tab. 2-3, the base row              the SFT start of the seed, as is (every gain is over it)
+``spr``           Tab. 2-3, "+ SPR"                   S = 0.8 S_sem + 0.2 S_loc, refined chosen answers, LoRA DPO
+``sft_chosen``    Tab. 8, "+ Instruction Finetuning"  LoRA SFT of the SFT start on the chosen answers of the
+                                                      ``spr`` pairs only: DPO's LoRA settings, learning rate,
+                                                      batch size and epochs, so the same number of steps
+``spr_norefine``  Tab. 7, "w/o Refinement"            as ``spr``, chosen answers not refined (``refine: false``)
+``loc_only``      Tab. 7, "λ = 0.0"                   as ``spr`` with S = S_loc
+``sem_only``      Tab. 7, "λ = 1.0"                   as ``spr`` with S = S_sem
+================  ==================================  ==========================================================
+
+Layout under ``--out``: one world and one CLIP (``world/``, ``clip/``, seed 0, shared by every seed); per seed
+``seed_<s>/`` a base model built with that seed, its SFT start (``seed_everything`` = s), region descriptions
+sampled with that seed, then ``seed_<s>/arms/<arm>/`` with the arm's ``score/`` pairs, ``dpo/`` adapter (or
+``chosen_data/`` + ``chosen_sft/``), ``eval_rec/`` and ``eval_phrase/``. Every stage's resolved config is written
+to the ``configs/`` folder beside it and a ``DONE`` file marks it finished, so running the same command again
+resumes (delete a stage folder to redo it and what reads it).
+
+Evaluation: REC Acc@{0.5,...,0.9} on the REC test split and phrase-grounding Recall@1 at IoU {0.5,...,0.9}
+(merged boxes) on the phrase test split; mean ± sample std over seeds, and the gain over ``sft`` paired by seed. An
+arm whose scoring made no preference pair for a seed (possible at the ``toy`` size: every candidate tied) has no
+model for that seed and is reported as such. Outputs: ``results.json``, ``results.md`` (tables, pair statistics,
+wall time per stage, the command of every stage) and ``gain_vs_iou.png``::
+
+    python -m spr_lightning.experiments.shapes --out runs/experiments/shapes --size full --seeds 0 1 2
+    python -m spr_lightning.experiments.shapes --out runs/experiments/shapes --arms sft spr sft_chosen
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spr_lightning import quickstart
+from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli
+
+__all__ = [
+    "ARMS",
+    "METRICS",
+    "THRESHOLDS",
+    "Arm",
+    "ExperimentRun",
+    "aggregate",
+    "dpo_statistics",
+    "format_results_table",
+    "main",
+    "pair_table",
+    "pairs_to_sft_jsonl",
+    "run_experiment",
+    "summarize_values",
+]
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+REC_METRICS = tuple(f"rec/acc@{t:g}" for t in THRESHOLDS)
+PHRASE_METRICS = tuple(f"phrase/recall@1@{t:g}" for t in THRESHOLDS)
+METRICS = REC_METRICS + PHRASE_METRICS
+BASELINE = "sft"
+#: Stages that start over when they rerun unfinished (``generate`` and ``score`` resume from their shards).
+_RESTART = frozenset({"clip", "sft", "dpo", "chosen_data", "chosen_sft", "eval_rec", "eval_phrase"})
+#: Subcommand of each stage, for the command list of the report.
+_SUBCOMMANDS = {"clip": "fit", "sft": "fit", "dpo": "fit", "chosen_sft": "fit", "generate": "predict",
+                "score": "predict"}
+_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+#: What the quickstart's score stage says when it made no pair (``tests/test_experiments_shapes.py`` checks it does).
+NO_PAIRS_MESSAGE = "no preference pairs"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared model: how it is made from the seed's SFT start.
+
+    Attributes:
+        paper: the row of the SPR paper it mirrors.
+        description: one line for the report.
+        training: ``none`` (the SFT start), ``dpo`` (LoRA DPO on its own pairs) or ``sft_chosen`` (LoRA SFT on the
+            chosen answers of the ``spr`` pairs).
+        score: ``PreferenceBuilder`` init args of its scoring stage (``lam``, ``refine``); ``None``: no scoring.
+    """
+
+    paper: str
+    description: str
+    training: str
+    score: Mapping[str, Any] | None = field(default=None)
+
+
+ARMS: dict[str, Arm] = {
+    "sft": Arm("Tab. 2-3 base", "the SFT start, evaluated as is", "none"),
+    "spr": Arm("Tab. 2-3 + SPR", "S = 0.8 S_sem + 0.2 S_loc, refined chosen answers, LoRA DPO", "dpo",
+               {"lam": 0.8, "refine": True}),
+    "sft_chosen": Arm("Tab. 8 + Instruction Finetuning",
+                      "LoRA SFT of the SFT start on the chosen answers of the spr pairs, DPO's steps", "sft_chosen"),
+    "spr_norefine": Arm("Tab. 7 w/o Refinement", "as spr, chosen answers not refined", "dpo",
+                        {"lam": 0.8, "refine": False}),
+    "loc_only": Arm("Tab. 7 λ = 0.0", "as spr with S = S_loc", "dpo", {"lam": 0.0, "refine": True}),
+    "sem_only": Arm("Tab. 7 λ = 1.0", "as spr with S = S_sem", "dpo", {"lam": 1.0, "refine": True}),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- run folders
+class ExperimentRun(Run):
+    """A quickstart :class:`~spr_lightning.quickstart.Run` whose stages may live elsewhere, with extra overrides.
+
+    The quickstart's stage functions find their inputs as ``run.path("world", ...)`` or ``run.path("sft", ...)``.
+    ``links`` sends such a first path part to another folder (the experiment's shared world and CLIP, the seed's
+    SFT start), so those functions run unchanged for one seed or one arm, and follow the quickstart's recipe as it
+    changes. ``overrides`` adds config values per stage name (``"*"``: every stage), e.g. the seed.
+
+    Args:
+        root: this run's own folder (its stages, ``configs/``).
+        size_name: a key of :data:`~spr_lightning.quickstart.SIZES`.
+        links: first path part -> folder it stands for.
+        overrides: stage name (or ``"*"``) -> dotted config overrides applied after the stage's own.
+        size: replaces ``SIZES[size_name]`` (e.g. with fewer evaluated samples).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        size_name: str,
+        links: Mapping[str, Path] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        size: quickstart.QuickstartSize | None = None,
+    ) -> None:
+        super().__init__(root, size_name)
+        if size is not None:
+            self.size = size
+        self.links = dict(links or {})
+        self.overrides = {stage: dict(values) for stage, values in (overrides or {}).items()}
+
+    def path(self, *parts: str) -> Path:
+        if parts and parts[0] in self.links:
+            return self.links[parts[0]].joinpath(*parts[1:])
+        return self.root.joinpath(*parts)
+
+    def config(self, stage: str, template: str, overrides: dict[str, Any]) -> Path:
+        merged = {**overrides, **self.overrides.get("*", {}), **self.overrides.get(stage, {})}
+        return super().config(stage, template, merged)
+
+
+def template_value(template: str, dotted: str, default: Any = None) -> Any:
+    """A value of ``configs/quickstart/<template>`` read now (the lead's recipe may change between runs)."""
+    node: Any = yaml.safe_load((CONFIG_DIR / template).read_text(encoding="utf-8"))
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+# ----------------------------------------------------------------------------------- pairs -> SFT data
+def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample of a WebDataset tar, in order (keys end at the first dot)."""
+    current, members = None, {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if current is not None:
+        yield current, members
+
+
+def pairs_to_sft_jsonl(pairs_dir: str | Path, out_dir: str | Path, task: str = "spr_chosen") -> tuple[Path, int]:
+    """The chosen answer of every pair as an SFT sample, for the Tab. 8 arm (SFT on accepted data only).
+
+    Writes ``out_dir/sft_chosen.jsonl`` in :class:`datamodules.sft.SFTDataModule`'s layout (``{"id", "image",
+    "prompt", "answer", "task"}``, ``image`` relative to ``out_dir``) and each pair's image, taken from the shard,
+    to ``out_dir/images/<key>.<ext>``: the SFT arm then sees exactly the images, prompts and answers DPO saw.
+
+    Args:
+        pairs_dir: a folder of complete ``pairs`` shards (the score stage's output).
+        out_dir: where the JSONL and the images go.
+        task: the ``task`` field of every line.
+
+    Returns:
+        ``(jsonl_path, samples)``; a key met twice (a re-made shard) is written once.
+
+    Raises:
+        spr_lightning.shards.ShardFormatError: a record breaks the pairs schema or has no image; the message
+            names the shard and key.
+    """
+    from datamodules.preference import expand_urls
+    from spr_lightning.shards import ShardFormatError, sanitize_key, validate_record
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines, seen = [], set()
+    for shard in expand_urls(str(pairs_dir)):
+        for key, members in _tar_samples(shard):
+            if key in seen:
+                continue
+            if "json" not in members:
+                raise ShardFormatError(f"{shard}: sample {key!r} has no json")
+            record = validate_record("pairs", json.loads(members["json"]), shard=shard, key=key)
+            ext = next((e for e in _IMAGE_KEYS if e in members), None)
+            if ext is None:
+                raise ShardFormatError(f"{shard}: sample {key!r} has no image ({'/'.join(_IMAGE_KEYS)})")
+            image = f"images/{sanitize_key(key)}.{ext}"
+            (out / image).write_bytes(members[ext])
+            lines.append(json.dumps({"id": key, "image": image, "prompt": record["prompt"],
+                                     "answer": record["chosen"], "task": task, "image_id": record["image_id"]}))
+            seen.add(key)
+    path = out / "sft_chosen.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path, len(lines)
+
+
+# --------------------------------------------------------------------------------------------- stages
+def _stage_base(run: ExperimentRun, seed: int) -> dict[str, Any]:
+    from spr_lightning.tiny.small_llava import build_small_llava
+
+    build_small_llava(run.path("base", "model"), seed=seed, **run.size.model)
+    return {"model": run.size.model, "seed": seed}
+
+
+def _stage_score(run: ExperimentRun) -> dict[str, Any]:
+    """The quickstart's score stage; a run that made no pair is recorded (``no_pairs``) instead of failing."""
+    from spr_lightning.shards import done_keys
+
+    try:
+        return quickstart.stage_score(run)
+    except RuntimeError as err:
+        if NO_PAIRS_MESSAGE not in str(err) or done_keys(run.path("score", "pairs")):
+            raise
+        print(f"[shapes] {run.root}: {err}", flush=True)
+        return {"shards": None, "summary": {"pairs": 0.0}, "no_pairs": str(err)}
+
+
+def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
+    jsonl, samples = pairs_to_sft_jsonl(pairs_dir, run.path("chosen_data"))
+    return {"jsonl": str(jsonl), "samples": samples, "pairs_dir": str(pairs_dir)}
+
+
+def _dpo_setting(name: str) -> Any:
+    """DPO's value of an init arg: the quickstart DPO config's, else ``DPOModule``'s default."""
+    from spr_lightning.dpo import DPOModule
+
+    value = template_value("dpo.yaml", f"model.init_args.{name}", inspect.Parameter.empty)
+    return inspect.signature(DPOModule.__init__).parameters[name].default if value is inspect.Parameter.empty else value
+
+
+def _stage_chosen_sft(run: ExperimentRun) -> dict[str, Any]:
+    """Tab. 8: LoRA SFT of the SFT start on the chosen answers, with DPO's LoRA, optimizer and step count."""
+    from spr_lightning.sft import SFTModule
+
+    s, folder = run.size, run.path("chosen_sft")
+    shared = [n for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "weight_decay",
+                          "warmup_ratio") if n in inspect.signature(SFTModule.__init__).parameters]
+    overrides: dict[str, Any] = {
+        "trainer.max_epochs": s.dpo_epochs, "trainer.max_steps": s.dpo_max_steps,
+        "trainer.default_root_dir": str(folder), "trainer.logger.init_args.save_dir": str(folder),
+        "trainer.callbacks[0].init_args.dirpath": str(folder / "model"),
+        "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
+        "model.init_args.lora": True, "model.init_args.full_finetune_vision": False,
+        **{f"model.init_args.{name}": _dpo_setting(name) for name in shared},
+        "data.init_args.train_file": str(run.path("chosen_data", "sft_chosen.jsonl")),
+        "data.init_args.image_root": str(run.path("chosen_data")), "data.init_args.batch_size": s.dpo_batch_size,
+        "data.init_args.max_length": template_value("dpo.yaml", "data.init_args.max_length", 512),
+    }  # fmt: skip
+    run_cli("fit", run.config("chosen_sft", "sft.yaml", overrides))
+    return {"model": str(folder / "model" / "final")}
+
+
+def evaluate(run: ExperimentRun, task: str, model: str, adapter: str | None) -> dict[str, float]:
+    """REC (Acc@0.5-0.9) or phrase grounding (Recall@1 at IoU 0.5-0.9) of one model on the world's test split.
+
+    Returns:
+        ``{"rec/acc@0.5": ..., ...}`` or ``{"phrase/recall@1@0.5": ..., ...}``, fractions in [0, 1].
+    """
+    world, s, folder = run.path("world"), run.size, run.path(f"eval_{task}")
+    overrides: dict[str, Any] = {
+        "trainer.default_root_dir": str(folder), "model.init_args.model_name_or_path": model,
+        "model.init_args.adapter_path": adapter, "model.init_args.iou_thresholds": list(THRESHOLDS),
+        "data.init_args.image_root": str(world / "images"),
+        "data.init_args.max_samples": s.rec_samples if task == "rec" else s.phrase_samples,
+    }  # fmt: skip
+    if task == "rec":
+        overrides["data.init_args.annotations"] = str(world / "annotations" / "refcoco_shapes.json")
+    else:
+        overrides["data.init_args.annotations"] = str(world / "annotations" / "flickr_test.json")
+        overrides["model.init_args.max_new_tokens"] = s.max_new_tokens
+    cli = run_cli("validate", run.config(f"eval_{task}", f"eval_{task}.yaml", overrides))
+    metrics = {f"{task}/{k.split('/', 1)[-1]}": float(v) for k, v in cli.trainer.callback_metrics.items()}
+    wanted = REC_METRICS if task == "rec" else PHRASE_METRICS
+    missing = [k for k in wanted if k not in metrics]
+    if missing:
+        raise RuntimeError(f"evaluation in {folder} logged {sorted(metrics)}, not {missing}")
+    metrics = {k: metrics[k] for k in wanted}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def summarize_values(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n", "values"}``: sample std (n - 1); ``None`` where undefined (no value, or one)."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values), "values": values}
+
+
+def aggregate(
+    per_seed: Mapping[str, Mapping[int, Mapping[str, float] | None]],
+    metrics: Sequence[str] = METRICS,
+    baseline: str = BASELINE,
+) -> dict[str, dict[str, Any]]:
+    """Mean ± std over seeds per arm and metric, and the gain over ``baseline`` paired by seed.
+
+    Args:
+        per_seed: arm -> seed -> metrics, or ``None`` for a seed where the arm has no model (no pairs).
+        metrics: the metric keys to aggregate.
+        baseline: the arm gains are measured against (absent: no gains).
+
+    Returns:
+        arm -> ``{"seeds": [...], "missing_seeds": [...], "metrics": {key: summary}, "gain": {key: summary}}``
+        (``gain`` for every arm but the baseline; each summary from :func:`summarize_values`). A gain uses the
+        seeds where both the arm and the baseline have a model: the seeds share the SFT start, so the paired
+        difference is what SPR changed.
+    """
+    base = {s: m for s, m in per_seed.get(baseline, {}).items() if m is not None}
+    out: dict[str, dict[str, Any]] = {}
+    for arm, seeds in per_seed.items():
+        done = {s: m for s, m in sorted(seeds.items()) if m is not None}
+        entry: dict[str, Any] = {
+            "seeds": list(done), "missing_seeds": sorted(s for s, m in seeds.items() if m is None),
+            "metrics": {k: summarize_values([m[k] for m in done.values()]) for k in metrics},
+        }
+        if arm != baseline and baseline in per_seed:
+            paired = [s for s in done if s in base]
+            entry["gain"] = {k: summarize_values([done[s][k] - base[s][k] for s in paired]) for k in metrics}
+        out[arm] = entry
+    return out
+
+
+def metric_label(key: str) -> str:
+    """``rec/acc@0.5`` -> ``REC Acc@0.5``; ``phrase/recall@1@0.7`` -> ``Phrase R@1@0.7``."""
+    task, name = key.split("/", 1)
+    return f"REC Acc@{name.split('@')[-1]}" if task == "rec" else f"Phrase R@1@{name.split('@')[-1]}"
+
+
+def _cell(summary: Mapping[str, Any], scale: float = 100.0, signed: bool = False, digits: int = 1) -> str:
+    if summary["mean"] is None:
+        return "–"
+    mean = f"{scale * summary['mean']:{'+' if signed else ''}.{digits}f}"
+    return mean if summary["std"] is None else f"{mean} ± {scale * summary['std']:.{digits}f}"
+
+
+def _seeds_cell(entry: Mapping[str, Any]) -> str:
+    missing = entry["missing_seeds"]
+    return f"{len(entry['seeds'])}" + (f" ({len(missing)} without pairs)" if missing else "")
+
+
+def format_results_table(aggregated: Mapping[str, Mapping[str, Any]], key: str = "metrics",
+                         metrics: Sequence[str] = METRICS) -> str:
+    """A markdown table, one row per arm: ``key="metrics"`` (percent) or ``"gain"`` (points over the baseline).
+
+    Cells are ``mean ± std`` over seeds (``mean`` alone from one seed); an arm without any model reads
+    ``no preference pairs``.
+    """
+    header = ["arm", "paper", "seeds", *(metric_label(m) for m in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, entry in aggregated.items():
+        if key not in entry:
+            continue
+        paper = ARMS[arm].paper if arm in ARMS else ""
+        if not entry["seeds"]:
+            cells = ["no preference pairs"] + [""] * (len(metrics) - 1)
+        else:
+            cells = [_cell(entry[key][m], signed=key == "gain") for m in metrics]
+        lines.append("| " + " | ".join([f"`{arm}`", paper, _seeds_cell(entry), *cells]) + " |")
+    return "\n".join(lines)
+
+
+#: Columns of :func:`pair_table`: statistic key, header, digits.
+PAIR_COLUMNS = (
+    ("pairs", "pairs", 0), ("queries", "regions", 0), ("chosen_total", "S chosen", 3),
+    ("rejected_total", "S rejected", 3), ("refine_snapped", "boxes snapped", 0),
+    ("refine_unmatched", "boxes removed", 0), ("dpo_margin", "DPO margin", 3), ("dpo_accuracy", "DPO acc", 2),
+)  # fmt: skip
+
+
+def pair_table(stats: Mapping[str, Mapping[int, Mapping[str, float]]]) -> str:
+    """Markdown table of preference-pair and DPO statistics per arm (mean ± std over seeds; ``–`` when absent)."""
+    lines = ["| arm | " + " | ".join(h for _, h, _ in PAIR_COLUMNS) + " |", "|" + "---|" * (len(PAIR_COLUMNS) + 1)]
+    for arm, seeds in stats.items():
+        cells = []
+        for name, _, digits in PAIR_COLUMNS:
+            values = [s[name] for s in seeds.values() if s.get(name) is not None]
+            cells.append(_cell(summarize_values(values), scale=1.0, digits=digits))
+        lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dpo_statistics(metrics_csv: Path, last: int = 10) -> dict[str, float]:
+    """DPO's reward margin and accuracy at the end of training, from its CSVLogger file.
+
+    Each is the mean of the last ``last`` logged steps (one step's batch is a handful of pairs: too noisy alone).
+    """
+    curves = reward_curves(metrics_csv)
+    out: dict[str, float] = {}
+    for name, key in (("rewards/margins", "dpo_margin"), ("rewards/accuracies", "dpo_accuracy")):
+        if curves.get(name):
+            out[key] = statistics.fmean(v for _, v in curves[name][-last:])
+    if curves:
+        out["dpo_steps"] = float(max(step for points in curves.values() for step, _ in points) + 1)
+    return out
+
+
+def plot_gains(aggregated: Mapping[str, Mapping[str, Any]], out: Path) -> Path:
+    """Gain of each arm over the baseline against the IoU threshold, REC and phrase grounding, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    arms = [a for a, e in aggregated.items() if "gain" in e and e["seeds"]]
+    for ax, keys, title in ((axes[0], REC_METRICS, "REC Acc@IoU"), (axes[1], PHRASE_METRICS, "Phrase Recall@1")):
+        for k, arm in enumerate(arms):
+            gains = [aggregated[arm]["gain"][m] for m in keys]
+            xs = [t + 0.006 * (k - (len(arms) - 1) / 2) for t in THRESHOLDS]
+            ys = [100 * g["mean"] if g["mean"] is not None else float("nan") for g in gains]
+            errs = [100 * g["std"] if g["std"] is not None else 0.0 for g in gains]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(THRESHOLDS))
+        ax.set_xlabel("IoU threshold")
+        ax.set_title(f"{title}: gain over the SFT start")
+    axes[0].set_ylabel("points (mean ± std over seeds)")
+    if arms:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ experiment
+@dataclass
+class Timing:
+    """One stage's wall time (read back from its ``DONE`` file, so a resumed run reports the first run's)."""
+
+    scope: str
+    stage: str
+    seconds: float
+    reused: bool
+    config: str | None
+
+
+class ShapesExperiment:
+    """The whole experiment: shared world and CLIP, then per seed the SFT start, its generations and every arm."""
+
+    def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
+                 rec_samples: int | None = None, phrase_samples: int | None = None) -> None:
+        self.out = out
+        self.size_name = size_name
+        size = SIZES[size_name]
+        self.size = replace(size, rec_samples=rec_samples or size.rec_samples,
+                            phrase_samples=phrase_samples or size.phrase_samples)
+        self.seeds = list(seeds)
+        self.arms = list(arms)
+        self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
+        self.shared = ExperimentRun(out, size_name, size=self.size)
+
+    def seed_run(self, seed: int) -> ExperimentRun:
+        links = {"world": self.out / "world", "clip": self.out / "clip"}
+        overrides = {"*": {"seed_everything": seed}, "sft": {"data.init_args.seed": seed},
+                     "generate": {"model.init_args.seed": seed,
+                                  "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
+                                  + seed}}  # fmt: skip
+        return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, overrides, self.size)
+
+    def arm_run(self, seed: int, arm: str) -> ExperimentRun:
+        root = self.out / f"seed_{seed}"
+        links = {"world": self.out / "world", "clip": self.out / "clip", "base": root / "base", "sft": root / "sft",
+                 "generate": root / "generate"}
+        score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
+        overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed},
+                     "chosen_sft": {"data.init_args.seed": seed}}
+        return ExperimentRun(root / "arms" / arm, self.size_name, links, overrides, self.size)
+
+    def stage(self, run: ExperimentRun, stage: str, fn: Callable[[ExperimentRun], dict[str, Any]],
+              scope: str) -> dict[str, Any]:
+        """The quickstart's stage loop for one stage: reuse it when ``DONE``, else run it and mark it ``DONE``."""
+        marker = run.path(stage, "DONE")
+        reused = marker.is_file()
+        if reused:
+            print(f"[shapes] {scope}: {stage} done already ({marker})", flush=True)
+        else:
+            if stage in _RESTART:
+                shutil.rmtree(run.path(stage), ignore_errors=True)
+            print(f"\n[shapes] {scope}: {stage}", flush=True)
+            began = time.perf_counter()
+            info = fn(run)
+            seconds = time.perf_counter() - began
+            run.mark_done(stage, {"seconds": round(seconds, 1), "info": info})
+            print(f"[shapes] {scope}: {stage} finished in {seconds:.0f} s", flush=True)
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        config = run.path("configs", f"{stage}.yaml")
+        self.timings.setdefault(marker, Timing(scope, stage, float(done.get("seconds", 0.0)), reused,
+                                               str(config) if config.is_file() else None))
+        return done.get("info", {})
+
+    def run_seed(self, seed: int) -> tuple[dict[str, dict[str, float] | None], dict[str, dict[str, float]]]:
+        """Every arm for one seed: ``(arm -> metrics or None, arm -> pair/DPO statistics)``."""
+        run, scope = self.seed_run(seed), f"seed {seed}"
+        self.stage(run, "base", lambda r: _stage_base(r, seed), scope)
+        self.stage(run, "sft", quickstart.stage_sft, scope)
+        self.stage(run, "generate", quickstart.stage_generate, scope)
+        sft_model = str(run.path("sft", "model", "final"))
+        metrics: dict[str, dict[str, float] | None] = {}
+        pairs: dict[str, dict[str, float]] = {}
+        for arm in self.arms:
+            arm_run, arm_scope = self.arm_run(seed, arm), f"seed {seed} / {arm}"
+            model, adapter, stats = self._train_arm(seed, arm, arm_run, arm_scope, sft_model)
+            if stats is not None:
+                pairs[arm] = stats
+            if model is None:
+                metrics[arm] = None
+                continue
+            metrics[arm] = {}
+            for task in ("rec", "phrase"):
+                evaluation = functools.partial(evaluate, task=task, model=model, adapter=adapter)
+                metrics[arm].update(self.stage(arm_run, f"eval_{task}", evaluation, arm_scope))
+        return metrics, pairs
+
+    def _score(self, seed: int, arm: str) -> dict[str, Any]:
+        return self.stage(self.arm_run(seed, arm), "score", _stage_score, f"seed {seed} / {arm}")
+
+    def _train_arm(self, seed: int, arm: str, run: ExperimentRun, scope: str,
+                   sft_model: str) -> tuple[str | None, str | None, dict[str, float] | None]:
+        """``(model, adapter, statistics)`` of one arm; ``model`` is ``None`` when it has no pairs to train on."""
+        training = ARMS[arm].training
+        if training == "none":
+            return sft_model, None, None
+        if training == "sft_chosen":
+            score = self._score(seed, "spr")  # the Tab. 8 arm trains on the spr arm's chosen answers
+            if not score["summary"].get("pairs"):
+                return None, None, {"pairs": 0.0}
+            spr_pairs = self.arm_run(seed, "spr").path("score", "pairs")
+            data = self.stage(run, "chosen_data", lambda r: _stage_chosen_data(r, spr_pairs), scope)
+            info = self.stage(run, "chosen_sft", _stage_chosen_sft, scope)
+            return info["model"], None, {"pairs": float(data["samples"])}
+        score = self._score(seed, arm)
+        stats = {k: float(v) for k, v in score["summary"].items()}
+        if not score["summary"].get("pairs"):
+            return None, None, stats
+        info = self.stage(run, "dpo", quickstart.stage_dpo, scope)
+        logs = sorted(run.path("dpo", "logs").glob("version_*/metrics.csv"))
+        if logs:
+            stats.update(dpo_statistics(logs[-1]))
+        return sft_model, info["adapter"], stats
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) everything; returns what ``results.json`` holds."""
+        start = time.perf_counter()
+        self.stage(self.shared, "world", quickstart.stage_world, "shared")
+        self.stage(self.shared, "clip", quickstart.stage_clip, "shared")
+        per_seed: dict[str, dict[int, dict[str, float] | None]] = {arm: {} for arm in self.arms}
+        pairs: dict[str, dict[int, dict[str, float]]] = {}
+        for seed in self.seeds:
+            metrics, stats = self.run_seed(seed)
+            for arm, values in metrics.items():
+                per_seed[arm][seed] = values
+            for arm, values in stats.items():
+                pairs.setdefault(arm, {})[seed] = values
+        return {
+            "size": self.size_name, "seeds": self.seeds, "arms": self.arms, "thresholds": list(THRESHOLDS),
+            "coord_format": template_value("eval_rec.yaml", "model.init_args.coord_format"),
+            "eval_samples": {"rec": self.size.rec_samples, "phrase": self.size.phrase_samples},
+            "arm_definitions": {a: {"paper": ARMS[a].paper, "description": ARMS[a].description} for a in self.arms},
+            "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs,
+            "timings": [vars(t) for t in self.timings.values()],
+            "wall_time_s": round(time.perf_counter() - start, 1),
+            "stage_time_s": round(sum(t.seconds for t in self.timings.values()), 1), "cpu_count": _cpu_count(),
+        }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _timing_table(timings: Sequence[Mapping[str, Any]]) -> str:
+    groups: dict[str, list[float]] = {}
+    for t in timings:
+        groups.setdefault(t["stage"], []).append(t["seconds"])
+    lines = ["| stage | runs | total (min) | mean per run (s) |", "|---|---|---|---|"]
+    for stage, seconds in groups.items():
+        lines.append(f"| {stage} | {len(seconds)} | {sum(seconds) / 60:.1f} | {statistics.fmean(seconds):.0f} |")
+    total = sum(t["seconds"] for t in timings)
+    lines.append(f"| **all stages** | {len(timings)} | **{total / 60:.1f}** | |")
+    return "\n".join(lines)
+
+
+def _stage_commands(timings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``python -m spr_lightning <subcommand> --config <resolved config>`` of every CLI stage, in run order."""
+    commands = []
+    for t in timings:
+        sub = _SUBCOMMANDS.get(t["stage"], "validate" if t["stage"].startswith("eval_") else None)
+        if sub is not None and t["config"] is not None:
+            commands.append(f"python -m spr_lightning {sub} --config {t['config']}")
+    return commands
+
+
+def _cpu_count() -> int | None:
+    """CPU cores this process may use (the affinity mask: a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def write_report(results: Mapping[str, Any], out: Path, command: str) -> str:
+    """Write ``results.json``, ``gain_vs_iou.png`` and ``results.md`` into ``out``; returns the markdown."""
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    png = plot_gains(results["aggregate"], out / "gain_vs_iou.png")
+    arms = "\n".join(f"- `{a}` ({d['paper']}): {d['description']}" for a, d in results["arm_definitions"].items())
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    text = f"""# SPR on SPR-Shapes ({results['size']}): SPR-DPO vs the SFT start, with ablations
+
+Seeds {seeds}; REC test split ({results['eval_samples']['rec']} expressions), phrase-grounding test split
+({results['eval_samples']['phrase']} captions, merged boxes); coordinate format `{results['coord_format']}`.
+Values in percent, mean ± sample std over seeds.
+
+```
+{command}
+```
+
+## Grounding accuracy
+
+{format_results_table(results['aggregate'], 'metrics')}
+
+## Gain over the SFT start (points, paired by seed)
+
+{format_results_table(results['aggregate'], 'gain')}
+
+![gain vs IoU threshold]({png.name})
+
+## Preference pairs and DPO
+
+Mean ± std over seeds. S: the combined score λ S_sem + (1 - λ) S_loc of the arm's own λ; boxes snapped / removed:
+the refinement's counts; DPO margin / acc: mean of the last 10 logged steps. `sft_chosen` trains on the chosen
+answers of the `spr` pairs (its "pairs" column counts them).
+
+{pair_table(results['pairs'])}
+
+## Arms
+
+{arms}
+
+## Wall time
+
+{results['cpu_count']} CPU cores available; all stages {results['stage_time_s'] / 60:.1f} min (this invocation
+{results['wall_time_s'] / 60:.1f} min; stages reused from an earlier invocation count with their first run's time).
+
+{_timing_table(results['timings'])}
+
+## Commands of every stage
+
+Each stage's resolved config; rerun one with:
+
+```
+{chr(10).join(_stage_commands(results['timings']))}
+```
+"""
+    (out / "results.md").write_text(text, encoding="utf-8")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_experiment(
+    out: str | Path = "runs/experiments/shapes",
+    size: str = "full",
+    seeds: Sequence[int] = (0, 1, 2),
+    arms: Sequence[str] | None = None,
+    rec_samples: int | None = None,
+    phrase_samples: int | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
+
+    Args:
+        out: experiment folder (finished stages there are reused).
+        size: a quickstart size (``toy`` for tests, ``small``, ``full``).
+        seeds: seeds of the per-seed stages (base model, SFT, generation, DPO/SFT of each arm).
+        arms: arms to run (default all); ``sft``, the baseline of every gain, is always added.
+        rec_samples: REC test expressions evaluated (default: the size's).
+        phrase_samples: phrase-grounding test captions evaluated (default: the size's).
+        command: the command line recorded in the report.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    unknown = sorted(set(arms or ()) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; arms: {list(ARMS)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    chosen = set(arms or ARMS) | {BASELINE}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(out).resolve()
+    experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples)
+    results = experiment.run()
+    if command is None:
+        command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
+                   f"--seeds {' '.join(map(str, seeds))} --arms {' '.join(experiment.arms)}")
+    text = write_report(results, root, command)
+    print("\n" + text, flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m spr_lightning.experiments.shapes",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/experiments/shapes", help="experiment folder (resumed if it exists)")
+    parser.add_argument("--size", default="full", choices=list(SIZES),
+                        help="quickstart size: full (default, the reported run), small, or toy (tests only)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="arms to run (default all; sft always runs)")
+    parser.add_argument("--rec-samples", type=int, help="REC test expressions evaluated (default: the size's)")
+    parser.add_argument("--phrase-samples", type=int, help="phrase test captions evaluated (default: the size's)")
+    args = parser.parse_args(argv)
+    command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
+    return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command)
+
+
+if __name__ == "__main__":
+    main()

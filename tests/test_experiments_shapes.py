@@ -1,0 +1,245 @@
+"""``spr_lightning.experiments.shapes``: statistics, tables, the pairs -> SFT converter, run folders and, marked
+``slow``, the whole experiment at the ``toy`` size with two seeds, every arm, and arms that made no pairs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tarfile
+
+import pytest
+import yaml
+
+from datamodules.sft import SFTDataset, read_sft_jsonl
+from spr_lightning import quickstart
+from spr_lightning.experiments import shapes
+from spr_lightning.shards import ShardFormatError
+
+
+def _metrics(value: float) -> dict[str, float]:
+    return dict.fromkeys(shapes.METRICS, value)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_summarize_values_is_mean_and_sample_std():
+    s = shapes.summarize_values([0.2, 0.4, 0.9])
+    assert s["mean"] == pytest.approx(0.5)
+    assert s["std"] == pytest.approx(math.sqrt(((0.3**2) + (0.1**2) + (0.4**2)) / 2))
+    assert s["n"] == 3 and s["values"] == [0.2, 0.4, 0.9]
+    assert shapes.summarize_values([0.7]) == {"mean": 0.7, "std": None, "n": 1, "values": [0.7]}
+    assert shapes.summarize_values([])["mean"] is None
+
+
+def test_aggregate_pairs_gains_by_seed_and_skips_seeds_without_pairs():
+    per_seed = {
+        "sft": {0: _metrics(0.5), 1: _metrics(0.7), 2: _metrics(0.1)},
+        "spr": {0: _metrics(0.6), 1: _metrics(0.9), 2: None},
+        "loc_only": {0: None, 1: None, 2: None},
+    }
+    out = shapes.aggregate(per_seed)
+    assert "gain" not in out["sft"]
+    assert out["sft"]["metrics"]["rec/acc@0.5"]["mean"] == pytest.approx(13 / 30)
+    spr = out["spr"]
+    assert spr["seeds"] == [0, 1] and spr["missing_seeds"] == [2]
+    assert spr["metrics"]["phrase/recall@1@0.9"]["mean"] == pytest.approx(0.75)
+    # paired by seed: (0.6 - 0.5, 0.9 - 0.7); seed 2 has no spr model so its baseline is left out too
+    gain = spr["gain"]["rec/acc@0.7"]
+    assert gain["values"] == pytest.approx([0.1, 0.2])
+    assert gain["mean"] == pytest.approx(0.15) and gain["std"] == pytest.approx(math.sqrt(0.005))
+    assert out["loc_only"]["seeds"] == [] and out["loc_only"]["gain"]["rec/acc@0.5"]["mean"] is None
+
+
+def test_results_tables_in_percent_with_signed_gains_and_no_pair_rows():
+    per_seed = {"sft": {0: _metrics(0.5), 1: _metrics(0.7)}, "spr": {0: _metrics(0.6), 1: _metrics(0.9)},
+                "sem_only": {0: None, 1: None}, "loc_only": {0: _metrics(0.4), 1: None}}
+    out = shapes.aggregate(per_seed)
+    table = shapes.format_results_table(out, "metrics")
+    lines = table.splitlines()
+    assert lines[0].startswith("| arm | paper | seeds | REC Acc@0.5 |") and "Phrase R@1@0.9" in lines[0]
+    row = next(line for line in lines if line.startswith("| `spr`"))
+    assert row.count("75.0 ± 21.2") == len(shapes.METRICS)
+    assert "Tab. 2-3 + SPR" in row
+    loc = next(line for line in lines if line.startswith("| `loc_only`"))
+    assert "1 (1 without pairs)" in loc and "| 40.0 |" in loc  # one seed: no std
+    assert "no preference pairs" in next(line for line in lines if line.startswith("| `sem_only`"))
+    gains = shapes.format_results_table(out, "gain").splitlines()
+    assert not any(line.startswith("| `sft`") for line in gains)
+    assert "+15.0 ± 7.1" in next(line for line in gains if line.startswith("| `spr`"))
+    assert "-10.0" in next(line for line in gains if line.startswith("| `loc_only`"))
+
+
+def test_pair_table_and_dpo_statistics(tmp_path):
+    log = tmp_path / "metrics.csv"
+    with log.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["step", "train/loss", "rewards/margins", "rewards/accuracies"])
+        writer.writeheader()
+        for step in range(12):
+            writer.writerow({"step": step, "train/loss": 0.69, "rewards/margins": step / 10,
+                             "rewards/accuracies": 1.0 if step % 2 else 0.0})
+    stats = shapes.dpo_statistics(log, last=4)
+    assert stats["dpo_margin"] == pytest.approx((0.8 + 0.9 + 1.0 + 1.1) / 4)
+    assert stats["dpo_accuracy"] == pytest.approx(0.5)
+    assert stats["dpo_steps"] == 12
+    table = shapes.pair_table({"spr": {0: {"pairs": 10.0, "chosen_total": 0.5, **stats},
+                                       1: {"pairs": 14.0, "chosen_total": 0.7, **stats}},
+                               "sft_chosen": {0: {"pairs": 10.0}}})
+    spr = next(line for line in table.splitlines() if line.startswith("| `spr`"))
+    assert "| 12 ± 3 |" in spr and "0.600 ± 0.141" in spr and "0.950 ± 0.000" in spr
+    assert "| 10 | – |" in next(line for line in table.splitlines() if line.startswith("| `sft_chosen`"))
+
+
+def test_plot_gains_writes_a_png(tmp_path):
+    out = shapes.aggregate({"sft": {0: _metrics(0.5), 1: _metrics(0.6)}, "spr": {0: _metrics(0.6), 1: None}})
+    png = shapes.plot_gains(out, tmp_path / "gain.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------- pairs -> SFT data
+def test_pairs_to_sft_jsonl_writes_chosen_answers_the_sft_reader_accepts(pair_shards, tmp_path):
+    path, count = shapes.pairs_to_sft_jsonl(pair_shards, tmp_path / "chosen")
+    assert count == 4 and path == tmp_path / "chosen" / "sft_chosen.jsonl"
+    records = read_sft_jsonl(path)  # SFTDataModule's own reader: images resolved relative to the JSONL
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in raw] == [f"img{i}-0" for i in range(4)]
+    assert all(r["answer"].startswith("A ") and "square [" in r["answer"] for r in records)
+    assert all(r["prompt"] == "Describe the region [0, 0, 999, 999] in detail." for r in records)
+    assert {r["task"] for r in raw} == {"spr_chosen"}
+    sample = SFTDataset(records)[1]
+    assert sample["image"].size == (64, 64)
+    red, green, _ = sample["image"].getpixel((25, 25))  # inside pair 1's square wherever the helper put it
+    assert green > 150 and red < 100  # green: the helper's colour of pair 1
+
+
+def test_pairs_to_sft_jsonl_names_the_shard_of_a_sample_without_image(tmp_path):
+    from spr_lightning.shards import append_manifest
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    record = {"schema": 1, "query_id": "q", "image_id": 0, "image_size": [8, 8], "region": [0, 0, 8, 8],
+              "prompt": "p", "chosen": "a", "rejected": "b", "scores": {}, "coord_format": "ferret"}
+    data = json.dumps(record).encode()
+    with tarfile.open(folder / "pairs-r000-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("q.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    append_manifest(folder, 0, "pairs-r000-000000.tar", ["q"])
+    with pytest.raises(ShardFormatError, match=r"pairs-r000-000000\.tar: sample 'q' has no image"):
+        shapes.pairs_to_sft_jsonl(folder, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------- run folders
+def test_experiment_run_links_folders_and_adds_overrides(tmp_path):
+    run = shapes.ExperimentRun(tmp_path / "seed_3" / "arms" / "spr", "toy",
+                               links={"sft": tmp_path / "seed_3" / "sft", "world": tmp_path / "world"},
+                               overrides={"*": {"seed_everything": 3}, "dpo": {"data.init_args.seed": 3}})
+    assert run.path("sft", "model", "final") == tmp_path / "seed_3" / "sft" / "model" / "final"
+    assert run.path("world") == tmp_path / "world"
+    assert run.path("score", "pairs") == tmp_path / "seed_3" / "arms" / "spr" / "score" / "pairs"
+    assert run.done("sft") is False
+    (tmp_path / "seed_3" / "sft").mkdir(parents=True)
+    (tmp_path / "seed_3" / "sft" / "DONE").write_text("{}")
+    assert run.done("sft") is True
+    config = yaml.safe_load(run.config("dpo", "dpo.yaml", {"trainer.max_steps": 2, "data.init_args.seed": 0})
+                            .read_text())
+    assert config["seed_everything"] == 3 and config["data"]["init_args"]["seed"] == 3  # the arm's values win
+    assert config["trainer"]["max_steps"] == 2
+    assert (tmp_path / "seed_3" / "arms" / "spr" / "configs" / "dpo.yaml").is_file()
+
+
+def test_score_stage_without_pairs_is_recorded_and_other_errors_raise(tmp_path, monkeypatch):
+    import inspect
+
+    # the quickstart's own stage still says so when it makes no pair (the experiment recognises it by this)
+    assert shapes.NO_PAIRS_MESSAGE in inspect.getsource(quickstart.stage_score)
+    run = shapes.ExperimentRun(tmp_path, "toy")
+
+    def no_pairs(_run):
+        raise RuntimeError("the scoring stage made no preference pairs (every region's candidates tied): ...")
+
+    monkeypatch.setattr(quickstart, "stage_score", no_pairs)
+    info = shapes._stage_score(run)
+    assert info["summary"]["pairs"] == 0 and "no preference pairs" in info["no_pairs"]
+
+    def broken(_run):
+        raise RuntimeError("CUDA error")
+
+    monkeypatch.setattr(quickstart, "stage_score", broken)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        shapes._stage_score(run)
+
+
+def test_arguments_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown arm"):
+        shapes.run_experiment(tmp_path / "x", "toy", arms=["dpo_only"])
+    with pytest.raises(ValueError, match="size"):
+        shapes.run_experiment(tmp_path / "x", "huge")
+    with pytest.raises(ValueError, match="seeds"):
+        shapes.run_experiment(tmp_path / "x", "toy", seeds=[1, 1])
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
+    assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only"]
+    assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"
+    assert shapes.ARMS["loc_only"].score == {"lam": 0.0, "refine": True}
+    assert shapes.ARMS["sem_only"].score == {"lam": 1.0, "refine": True}
+    assert shapes.ARMS["spr_norefine"].score == {"lam": 0.8, "refine": False}
+    for arm in shapes.ARMS:
+        assert f"``{arm}``" in shapes.__doc__
+
+
+# -------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
+    """Two seeds, every arm; spr (seed 1) and sem_only (both seeds) are made to score no pairs, as a toy model
+    whose candidates all tie would: those arms are reported as such, the rest of the experiment goes on."""
+    real_score = quickstart.stage_score
+
+    def score(run):
+        if (run.root.name, run.root.parents[1].name) in {("spr", "seed_1"), ("sem_only", "seed_0"),
+                                                          ("sem_only", "seed_1")}:
+            raise RuntimeError("the scoring stage made no preference pairs (every region's candidates tied)")
+        return real_score(run)
+
+    monkeypatch.setattr(quickstart, "stage_score", score)
+    out = tmp_path / "exp"
+    shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_seed"]) == set(shapes.ARMS)
+    for arm, seeds in results["per_seed"].items():
+        for seed, metrics in seeds.items():
+            no_pairs = (arm == "sem_only") or (arm in ("spr", "sft_chosen") and seed == "1")
+            assert (metrics is None) == no_pairs, (arm, seed)
+            if metrics is not None:
+                assert set(metrics) == set(shapes.METRICS)
+                assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    agg = results["aggregate"]
+    assert agg["spr"]["seeds"] == [0] and agg["spr"]["missing_seeds"] == [1]
+    assert agg["sem_only"]["seeds"] == [] and agg["loc_only"]["seeds"] == [0, 1]
+    assert set(agg["loc_only"]["gain"]) == set(shapes.METRICS)
+    assert results["pairs"]["loc_only"]["0"]["pairs"] > 0 and "dpo_margin" in results["pairs"]["loc_only"]["0"]
+    assert results["pairs"]["sft_chosen"]["0"]["pairs"] == results["pairs"]["spr"]["0"]["pairs"]
+    # the Tab. 8 arm trained (LoRA merged into a full model) on the chosen answers of the spr pairs
+    chosen = out / "seed_0" / "arms" / "sft_chosen"
+    assert (chosen / "chosen_sft" / "model" / "final" / "config.json").is_file()
+    lines = (chosen / "chosen_data" / "sft_chosen.jsonl").read_text().splitlines()
+    assert len(lines) == results["pairs"]["spr"]["0"]["pairs"]
+    assert (out / "seed_1" / "arms" / "spr" / "score" / "DONE").is_file()
+    assert not (out / "seed_1" / "arms" / "spr" / "dpo").exists()
+    text = (out / "results.md").read_text()
+    for arm in shapes.ARMS:
+        assert f"`{arm}`" in text
+    for key in shapes.METRICS:
+        assert shapes.metric_label(key) in text
+    assert "no preference pairs" in text and "1 (1 without pairs)" in text
+    assert "python -m spr_lightning validate --config" in text and "## Wall time" in text
+    assert (out / "gain_vs_iou.png").stat().st_size > 0
+    # a second run reuses every stage
+    capsys.readouterr()
+    shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])
+    assert " finished in " not in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert all(t["reused"] for t in again["timings"]) and len(again["timings"]) == len(results["timings"])
+    assert again["per_seed"] == results["per_seed"]
