@@ -7,7 +7,8 @@ improve the VLM, and measures what SPR changed:
 stage                 what runs (every model stage is ``spr_lightning.cli.cli_main`` on a YAML config)
 ====================  ==================================================================================
 ``world``             :func:`spr_lightning.shapes.write_world`: images, COCO/REC/phrase annotations, SFT data
-``base``              :func:`spr_lightning.tiny.small_llava.build_small_llava`: a random small LLaVA
+``vision``            ``fit`` ``configs/quickstart/vision.yaml``: the LLaVA's vision tower pretrained on dense targets
+``base``              :func:`spr_lightning.tiny.small_llava.build_small_llava`: a small LLaVA around that tower
 ``clip``              ``fit`` ``configs/quickstart/clip.yaml``: a small open_clip trained on the world's crops
 ``sft``               ``fit`` ``configs/quickstart/sft.yaml``: the LLaVA learns grounded answers (SFTModule)
 ``generate``          ``predict`` ``configs/quickstart/generate.yaml``: region descriptions (SPR §3.1)
@@ -42,8 +43,10 @@ import yaml
 __all__ = ["SIZES", "QuickstartSize", "main", "run_quickstart"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-STAGES = ("world", "base", "clip", "sft", "generate", "score", "dpo", "eval")
+STAGES = ("world", "vision", "base", "clip", "sft", "generate", "score", "dpo", "eval")
 SFT_TASKS = ("rec", "phrase", "region")
+#: How every quickstart answer writes boxes (the world's SFT data, generation, scoring and evaluation agree).
+COORD_FORMAT = "minigpt_v2"
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 
 
@@ -53,6 +56,10 @@ class QuickstartSize:
 
     world: dict[str, int]
     model: dict[str, int] = field(default_factory=dict)
+    vision: dict[str, int] = field(default_factory=dict)
+    vision_steps: int = 2000
+    vision_scenes: int = 4000
+    vision_batch_size: int = 32
     clip_steps: int = 200
     clip_batch_size: int = 32
     sft_steps: int = 400
@@ -67,23 +74,27 @@ class QuickstartSize:
     phrase_samples: int | None = 100
 
 
+#: The vision tower of the ``small`` and ``full`` LLaVA: 96 px, 12 px patches (8 x 8 tokens), 3 x 128 wide.
+VISION_96 = {"image_size": 96, "patch_size": 12, "hidden_size": 128, "num_layers": 3}
+
 #: ``toy`` is for tests (minutes, numbers meaningless); ``small`` the default; ``full`` the longer run.
 SIZES: dict[str, QuickstartSize] = {
     "toy": QuickstartSize(
         world={"train": 12, "val": 2, "test": 3},
-        model={"image_size": 32, "patch_size": 16, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 64,
-               "text_layers": 1},
+        vision={"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_layers": 1}, vision_steps=2,
+        vision_scenes=8, vision_batch_size=4, model={"text_hidden": 64, "text_layers": 1},
         clip_steps=2, clip_batch_size=8, sft_steps=2, sft_batch_size=4, generate_images=4, num_candidates=3,
         max_new_tokens=24, dpo_epochs=2, dpo_max_steps=2, dpo_batch_size=2, rec_samples=4, phrase_samples=2,
     ),
     "small": QuickstartSize(
         world={"train": 600, "val": 50, "test": 100},
-        model={"image_size": 64, "patch_size": 16, "vision_layers": 2, "text_hidden": 128, "text_layers": 2},
+        vision=VISION_96, vision_steps=1500, model={"text_hidden": 128, "text_layers": 4},
         clip_steps=500, sft_steps=3000, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
         phrase_samples=40,
     ),
     "full": QuickstartSize(
         world={"train": 3000, "val": 200, "test": 300},
+        vision=VISION_96, vision_steps=3000, vision_scenes=8000, model={"text_hidden": 192, "text_layers": 4},
         clip_steps=1000, sft_steps=4000, generate_images=600, dpo_epochs=1, rec_samples=1000, phrase_samples=300,
     ),
 }
@@ -154,7 +165,7 @@ class Run:
 def stage_world(run: Run) -> dict[str, Any]:
     from spr_lightning.shapes import write_world
 
-    paths = write_world(run.path("world"), run.size.world, seed=0, image_size=224, coord_format="ferret",
+    paths = write_world(run.path("world"), run.size.world, seed=0, image_size=224, coord_format=COORD_FORMAT,
                         workers=min(2, os.cpu_count() or 1))
     tasks = set(SFT_TASKS)
     lines = [line for line in paths.sft["train"].read_text(encoding="utf-8").splitlines()
@@ -163,11 +174,32 @@ def stage_world(run: Run) -> dict[str, Any]:
     return {"images": run.size.world, "sft_samples": len(lines)}
 
 
-def stage_base(run: Run) -> dict[str, Any]:
-    from spr_lightning.tiny.small_llava import build_small_llava
+def stage_vision(run: Run) -> dict[str, Any]:
+    s = run.size
+    config = run.config("vision", "vision.yaml", {
+        "trainer.max_steps": s.vision_steps, "trainer.default_root_dir": str(run.path("vision")),
+        "trainer.logger.init_args.save_dir": str(run.path("vision")),
+        "trainer.callbacks[0].init_args.dirpath": str(run.path("vision", "model")),
+        **{f"model.init_args.{k}": v for k, v in s.vision.items()},
+        "data.init_args.image_size": s.vision["image_size"], "data.init_args.patch_size": s.vision["patch_size"],
+        "data.init_args.num_train": s.vision_scenes, "data.init_args.batch_size": s.vision_batch_size,
+    })  # fmt: skip
+    run_cli("fit", config)
+    return {"model": str(run.path("vision", "model", "final"))}
 
-    build_small_llava(run.path("base", "model"), **run.size.model)
-    return {"model": run.size.model}
+
+def build_base(run: Run, seed: int = 0) -> dict[str, Any]:
+    """The small LLaVA around the stage-``vision`` tower, with the coordinate format's location tokens."""
+    from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_small_llava
+
+    tokens = MINIGPT_V2_TOKENS if COORD_FORMAT == "minigpt_v2" else ()
+    build_small_llava(run.path("base", "model"), seed=seed, vision_tower=run.path("vision", "model", "final"),
+                      location_tokens=tokens, **run.size.model)
+    return {"model": run.size.model, "seed": seed, "vision_tower": str(run.path("vision", "model", "final"))}
+
+
+def stage_base(run: Run) -> dict[str, Any]:
+    return build_base(run)
 
 
 def stage_clip(run: Run) -> dict[str, Any]:
@@ -265,11 +297,11 @@ def stage_eval(run: Run) -> dict[str, Any]:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
-    "world": stage_world, "base": stage_base, "clip": stage_clip, "sft": stage_sft, "generate": stage_generate,
-    "score": stage_score, "dpo": stage_dpo, "eval": stage_eval,
+    "world": stage_world, "vision": stage_vision, "base": stage_base, "clip": stage_clip, "sft": stage_sft,
+    "generate": stage_generate, "score": stage_score, "dpo": stage_dpo, "eval": stage_eval,
 }  # fmt: skip
 #: Stages that start over when they rerun (``predict`` stages resume from their shards instead).
-_RESTART = ("clip", "sft", "dpo", "eval")
+_RESTART = ("vision", "clip", "sft", "dpo", "eval")
 
 
 # -------------------------------------------------------------------------------------------- report

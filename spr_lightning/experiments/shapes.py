@@ -16,7 +16,8 @@ arm               mirrors                             model evaluated
 ``sem_only``      Tab. 7, "λ = 1.0"                   as ``spr`` with S = S_sem
 ================  ==================================  ==========================================================
 
-Layout under ``--out``: one world and one CLIP (``world/``, ``clip/``, seed 0, shared by every seed); per seed
+Layout under ``--out``: one world, one pretrained vision tower and one CLIP (``world/``, ``vision/``, ``clip/``,
+seed 0, shared by every seed); per seed
 ``seed_<s>/`` a base model built with that seed, its SFT start (``seed_everything`` = s), region descriptions
 sampled with that seed, then ``seed_<s>/arms/<arm>/`` with the arm's ``score/`` pairs, ``dpo/`` adapter (or
 ``chosen_data/`` + ``chosen_sft/``), ``eval_rec/`` and ``eval_phrase/``. Every stage's resolved config is written
@@ -233,10 +234,7 @@ def pairs_to_sft_jsonl(pairs_dir: str | Path, out_dir: str | Path, task: str = "
 
 # --------------------------------------------------------------------------------------------- stages
 def _stage_base(run: ExperimentRun, seed: int) -> dict[str, Any]:
-    from spr_lightning.tiny.small_llava import build_small_llava
-
-    build_small_llava(run.path("base", "model"), seed=seed, **run.size.model)
-    return {"model": run.size.model, "seed": seed}
+    return quickstart.build_base(run, seed)
 
 
 def _stage_score(run: ExperimentRun) -> dict[str, Any]:
@@ -488,7 +486,7 @@ class ShapesExperiment:
         self.shared = ExperimentRun(out, size_name, size=self.size)
 
     def seed_run(self, seed: int) -> ExperimentRun:
-        links = {"world": self.out / "world", "clip": self.out / "clip"}
+        links = {"world": self.out / "world", "vision": self.out / "vision", "clip": self.out / "clip"}
         overrides = {"*": {"seed_everything": seed}, "sft": {"data.init_args.seed": seed},
                      "generate": {"model.init_args.seed": seed,
                                   "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
@@ -497,8 +495,8 @@ class ShapesExperiment:
 
     def arm_run(self, seed: int, arm: str) -> ExperimentRun:
         root = self.out / f"seed_{seed}"
-        links = {"world": self.out / "world", "clip": self.out / "clip", "base": root / "base", "sft": root / "sft",
-                 "generate": root / "generate"}
+        links = {"world": self.out / "world", "vision": self.out / "vision", "clip": self.out / "clip",
+                 "base": root / "base", "sft": root / "sft", "generate": root / "generate"}
         score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
         overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed},
                      "chosen_sft": {"data.init_args.seed": seed}}
@@ -580,6 +578,7 @@ class ShapesExperiment:
         """Run (or resume) everything; returns what ``results.json`` holds."""
         start = time.perf_counter()
         self.stage(self.shared, "world", quickstart.stage_world, "shared")
+        self.stage(self.shared, "vision", quickstart.stage_vision, "shared")
         self.stage(self.shared, "clip", quickstart.stage_clip, "shared")
         per_seed: dict[str, dict[int, dict[str, float] | None]] = {arm: {} for arm in self.arms}
         pairs: dict[str, dict[int, dict[str, float]]] = {}

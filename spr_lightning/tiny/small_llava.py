@@ -24,7 +24,9 @@ Choices and why:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -41,7 +43,7 @@ from transformers import (
 from spr_lightning.tiny._common import prepare_dir, seeded
 from spr_lightning.tiny.tokenizer_factory import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIAL_TOKENS
 
-__all__ = ["build_small_llava", "build_shapes_tokenizer", "make_small_llava", "shapes_corpus"]
+__all__ = ["MINIGPT_V2_TOKENS", "build_small_llava", "build_shapes_tokenizer", "make_small_llava", "shapes_corpus"]
 
 DEFAULT_VOCAB_SIZE = 1024
 
@@ -92,15 +94,23 @@ def _shapes_backend(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_shapes_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+#: MiniGPT-v2's location vocabulary: ``<0>`` ... ``<100>`` and the phrase/box markup, one token each.
+MINIGPT_V2_TOKENS = tuple(f"<{k}>" for k in range(101)) + ("<p>", "</p>", "<delim>")
+
+
+def build_shapes_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE,
+                           location_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """The LLaVA-style tokenizer of the tiny models (same special tokens, chat template), trained on
-    :func:`shapes_corpus`."""
+    :func:`shapes_corpus`, plus ``location_tokens`` as whole tokens (e.g. :data:`MINIGPT_V2_TOKENS`: a
+    MiniGPT-v2 box ``{<12><40><33><61>}`` is then six tokens, each coordinate one 101-way choice)."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_shapes_backend(vocab_size)),
         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=2048,
     )  # fmt: skip
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    if location_tokens:
+        tokenizer.add_tokens(list(location_tokens))
     return tokenizer
 
 
@@ -114,6 +124,8 @@ def make_small_llava(
     text_hidden: int = 192,
     text_layers: int = 3,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    vision_tower: str | Path | None = None,
+    location_tokens: Sequence[str] = (),
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build the small LLaVA (eval mode, float32, seeded random weights) and its processor in memory.
 
@@ -126,14 +138,27 @@ def make_small_llava(
         text_hidden: Llama width (heads of 32 channels, half as many key/value heads).
         text_layers: Llama depth.
         vocab_size: BPE vocabulary size of :func:`build_shapes_tokenizer`.
+        vision_tower: folder of a pretrained ``CLIPVisionModel`` (e.g. from
+            :class:`~spr_lightning.shapes.vision_pretraining.VisionPretrainModule`): the LLaVA gets its weights
+            and shape (``image_size``, ``patch_size``, ``vision_hidden`` and ``vision_layers`` are then taken from
+            it) and reads its last layer, which is the one that was pretrained.
+        location_tokens: extra whole tokens of the coordinate format (see :func:`build_shapes_tokenizer`).
     """
+    tower = None
+    if vision_tower is not None:
+        from transformers import CLIPVisionModel
+
+        tower = CLIPVisionModel.from_pretrained(vision_tower)
+        vision = tower.config
+        image_size, patch_size = vision.image_size, vision.patch_size
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    tokenizer = build_shapes_tokenizer(vocab_size)
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                              projection_dim=vision_hidden, num_hidden_layers=vision_layers,
-                              num_attention_heads=max(1, vision_hidden // 32), image_size=image_size,
-                              patch_size=patch_size)
+    tokenizer = build_shapes_tokenizer(vocab_size, location_tokens)
+    if tower is None:
+        vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                                  projection_dim=vision_hidden, num_hidden_layers=vision_layers,
+                                  num_attention_heads=max(1, vision_hidden // 32), image_size=image_size,
+                                  patch_size=patch_size)
     heads = max(2, text_hidden // 32)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=3 * text_hidden,
                        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
@@ -142,10 +167,13 @@ def make_small_llava(
                        tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default",
+                         vision_feature_layer=-1 if tower is not None else -2,
                          projector_hidden_act="gelu", tie_word_embeddings=False)
     with seeded(seed):
         model = LlavaForConditionalGeneration(config).eval()
+    if tower is not None:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
@@ -155,7 +183,7 @@ def make_small_llava(
     return model, processor
 
 
-def build_small_llava(out_dir: str | Path, **kwargs: int) -> Path:
+def build_small_llava(out_dir: str | Path, **kwargs: Any) -> Path:
     """Build the small LLaVA (:func:`make_small_llava` arguments) and ``save_pretrained`` model + processor
     into ``out_dir``; returns the folder (loadable by ``AutoModelForImageTextToText`` / ``AutoProcessor``)."""
     path = prepare_dir(out_dir)
