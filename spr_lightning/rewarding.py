@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _COUNTERS = (
     "queries", "pairs", "ties", "too_few", "candidates", "chosen_total", "rejected_total", "chosen_loc",
     "rejected_loc", "chosen_sem", "rejected_sem", "snapped", "kept", "unmatched", "duplicates", "skipped",
+    "emptied",
 )  # fmt: skip
 
 
@@ -121,6 +122,9 @@ class PreferenceBuilder(LightningModule):
         coord_options: codec options (e.g. ``{square_pad: false}`` for LLaVA-OneVision's ``llava`` format); they
             update the record's own ``coord_options`` when it has them. Must match what generation used.
         grounder_batch_size: crops per grounder forward pass (backends with ``ground_batch``).
+        skip_emptied: drop a query whose best candidate had boxes but lost every one in refinement (none matched
+            an annotation). Off by default (the paper keeps such pairs); with a weak policy those box-free chosen
+            answers teach DPO to stop writing boxes, so small-model runs turn it on. Counted as ``emptied``.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class PreferenceBuilder(LightningModule):
         min_score_gap: float = 0.0,
         coord_options: dict[str, Any] | None = None,
         grounder_batch_size: int = 8,
+        skip_emptied: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= lam <= 1.0:
@@ -286,6 +291,9 @@ class PreferenceBuilder(LightningModule):
                 dedup_iou_threshold=self.hparams.dedup_iou_threshold,
             )  # fmt: skip
             chosen, stats = refined.text, refined.stats()
+            if self.hparams.skip_emptied and q.text_boxes[best] and not q.codec.decode(chosen, q.image_size):
+                self.counts["emptied"] += 1
+                return None
         if chosen == q.texts[worst]:  # refinement made the best identical to the worst: nothing to learn
             self.counts["ties"] += 1
             return None
@@ -344,7 +352,8 @@ class PreferenceBuilder(LightningModule):
 def summarize(counts: dict[str, float], semantic: bool = True) -> dict[str, float]:
     """Run summary from summed counters: counts, and mean scores of the chosen and rejected sides."""
     pairs = max(counts["pairs"], 1.0)
-    out = {name: counts.get(name, 0.0) for name in ("queries", "pairs", "ties", "too_few", "candidates", "skipped")}
+    names = ("queries", "pairs", "ties", "too_few", "candidates", "skipped", "emptied")
+    out = {name: counts.get(name, 0.0) for name in names}
     for side in ("chosen", "rejected"):
         out[f"{side}_total"] = counts[f"{side}_total"] / pairs
         out[f"{side}_loc"] = counts[f"{side}_loc"] / pairs
@@ -368,6 +377,7 @@ def format_summary(summary: dict[str, float]) -> str:
         lines.append("  mean sem chosen {chosen_sem:.4f}  rejected {rejected_sem:.4f}".format(**summary))
     lines.append(
         "  refinement: {refine_snapped:.0f} boxes snapped, {refine_kept:.0f} kept outside the region, "
-        "{refine_unmatched:.0f} unmatched and {refine_duplicates:.0f} duplicates removed".format(**summary)
+        "{refine_unmatched:.0f} unmatched and {refine_duplicates:.0f} duplicates removed; {emptied:.0f} pairs "
+        "dropped because refinement left the chosen answer without boxes".format(**summary)
     )
     return "\n".join(lines)

@@ -268,3 +268,17 @@ def test_predict_step_on_cuda_matches_cpu():
         assert [s["loc"] for s in gpu["json"]["all_scores"]] == pytest.approx(
             [s["loc"] for s in cpu["json"]["all_scores"]], abs=1e-6
         )
+
+
+@pytest.mark.parametrize("skip_emptied", [False, True])
+def test_skip_emptied_drops_pairs_whose_chosen_lost_every_box(skip_emptied):
+    # The longer text wins on S_sem (words / 10) but its boxes match no annotation: refinement removes both.
+    wordy_off = OFF.replace("A red square", "A bright red square right there")
+    builder = PreferenceBuilder(semantic_scorer=FakeScorer(), grounder=None, skip_emptied=skip_emptied)
+    pairs = builder.predict_step([_sample("q9", [NONE, wordy_off]), _sample("q0", QUERIES["q0"])], 0)
+    keys = [p["__key__"] for p in pairs]
+    if skip_emptied:
+        assert keys == ["q0"] and builder.counts["emptied"] == 1
+    else:
+        assert keys == ["q9", "q0"] and builder.counts["emptied"] == 0
+        assert FERRET.decode(pairs[0]["json"]["chosen"], SIZE) == []  # the box-free chosen answer kept
