@@ -52,7 +52,12 @@ REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 
 @dataclass(frozen=True)
 class QuickstartSize:
-    """How big each stage is: world images, model shape, training steps, generated regions, evaluated samples."""
+    """How big each stage is: world images, model shape, training steps, generated regions, evaluated samples.
+
+    ``warmup`` is the SFT curriculum: ``{most objects: images}`` of extra training scenes with at most that many
+    objects (and at least one fewer), whose REC questions are mixed into the SFT data. A model whose answers do
+    not yet depend on the image learns to read one object's box first; choosing among many comes after.
+    """
 
     world: dict[str, int]
     model: dict[str, int] = field(default_factory=dict)
@@ -60,6 +65,7 @@ class QuickstartSize:
     vision_steps: int = 2000
     vision_scenes: int = 4000
     vision_batch_size: int = 32
+    warmup: dict[int, int] = field(default_factory=dict)
     clip_steps: int = 200
     clip_batch_size: int = 32
     sft_steps: int = 400
@@ -82,7 +88,7 @@ SIZES: dict[str, QuickstartSize] = {
     "toy": QuickstartSize(
         world={"train": 12, "val": 2, "test": 3},
         vision={"image_size": 32, "patch_size": 16, "hidden_size": 32, "num_layers": 1}, vision_steps=2,
-        vision_scenes=8, vision_batch_size=4, model={"text_hidden": 64, "text_layers": 1},
+        vision_scenes=8, vision_batch_size=4, model={"text_hidden": 64, "text_layers": 1}, warmup={1: 3},
         clip_steps=2, clip_batch_size=8, sft_steps=2, sft_batch_size=4, generate_images=4, num_candidates=3,
         max_new_tokens=24, dpo_epochs=2, dpo_max_steps=2, dpo_batch_size=2, rec_samples=4, phrase_samples=2,
     ),
@@ -163,15 +169,33 @@ class Run:
 
 # -------------------------------------------------------------------------------------------- stages
 def stage_world(run: Run) -> dict[str, Any]:
-    from spr_lightning.shapes import write_world
+    """The world, plus the warm-up scenes of the SFT curriculum (:data:`QuickstartSize.warmup`)."""
+    import random
 
+    from spr_lightning.shapes import SceneConfig, write_world
+
+    workers = min(2, os.cpu_count() or 1)
     paths = write_world(run.path("world"), run.size.world, seed=0, image_size=224, coord_format=COORD_FORMAT,
-                        workers=min(2, os.cpu_count() or 1))
+                        workers=workers)
     tasks = set(SFT_TASKS)
     lines = [line for line in paths.sft["train"].read_text(encoding="utf-8").splitlines()
              if json.loads(line)["task"] in tasks]
+    warm = []
+    for most, count in run.size.warmup.items():
+        folder = f"warmup_{most}"
+        config = SceneConfig(image_size=224, min_objects=max(1, most - 1), max_objects=most)
+        warm_paths = write_world(run.path("world", folder), {"train": count}, seed=100 + most,
+                                 coord_format=COORD_FORMAT, workers=workers, rec_per_image=2, scene_config=config)
+        for line in warm_paths.sft["train"].read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record["task"] == "rec":
+                record["image"] = f"{folder}/{record['image']}"  # relative to the world folder, like the rest
+                warm.append(json.dumps(record))
+    lines += warm
+    random.Random(0).shuffle(lines)
     run.path("world", "sft_quickstart_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"images": run.size.world, "sft_samples": len(lines)}
+    return {"images": run.size.world, "warmup": run.size.warmup, "sft_samples": len(lines),
+            "warmup_samples": len(warm)}
 
 
 def stage_vision(run: Run) -> dict[str, Any]:
