@@ -165,7 +165,7 @@ def test_metric_rows_and_table():
 @pytest.mark.slow
 def test_quickstart_toy_end_to_end(tmp_path, capsys):
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, CLIPVisionModel
 
     from spr_lightning.scoring.semantic import SemanticScorer
 
@@ -175,7 +175,13 @@ def test_quickstart_toy_end_to_end(tmp_path, capsys):
         assert (out / stage / "DONE").is_file(), stage
     world = json.loads((out / "world" / "world.json").read_text())
     assert world["num_images"] == quickstart.SIZES["toy"].world
-    AutoModelForImageTextToText.from_pretrained(out / "base" / "model")
+    sft_lines = [json.loads(line) for line in (out / "world" / "sft_quickstart_train.jsonl").read_text().splitlines()]
+    warm = [r for r in sft_lines if r["image"].startswith("warmup_1/")]
+    assert warm and all(r["task"] == "rec" and (out / "world" / r["image"]).is_file() for r in warm)
+    tower = CLIPVisionModel.from_pretrained(out / "vision" / "model" / "final")
+    base = AutoModelForImageTextToText.from_pretrained(out / "base" / "model")
+    assert torch.equal(base.model.vision_tower.embeddings.patch_embedding.weight,
+                       tower.embeddings.patch_embedding.weight)  # the LLaVA starts from the pretrained tower
     SemanticScorer(model_name=str(out / "clip" / "model" / "final"), pretrained=None)
     sft = AutoModelForImageTextToText.from_pretrained(out / "sft" / "model" / "final")
     for folder, prefix in ((out / "generate" / "candidates", "candidates"), (out / "score" / "pairs", "pairs")):
