@@ -94,13 +94,14 @@ SIZES: dict[str, QuickstartSize] = {
     ),
     "small": QuickstartSize(
         world={"train": 600, "val": 50, "test": 100},
-        vision=VISION_96, vision_steps=1500, model={"text_hidden": 128, "text_layers": 4},
-        clip_steps=500, sft_steps=3000, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
+        vision=VISION_96, vision_steps=1500, model={"text_hidden": 128, "text_layers": 2}, warmup={1: 1500, 3: 1500},
+        clip_steps=500, sft_steps=2500, generate_images=100, max_new_tokens=160, dpo_epochs=1, rec_samples=150,
         phrase_samples=40,
     ),
     "full": QuickstartSize(
         world={"train": 3000, "val": 200, "test": 300},
         vision=VISION_96, vision_steps=3000, vision_scenes=8000, model={"text_hidden": 192, "text_layers": 4},
+        warmup={1: 3000, 3: 3000, 6: 3000},
         clip_steps=1000, sft_steps=4000, generate_images=600, dpo_epochs=1, rec_samples=1000, phrase_samples=300,
     ),
 }

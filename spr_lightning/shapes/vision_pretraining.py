@@ -114,7 +114,7 @@ class ShapesDenseDataModule(LightningDataModule):
 
     Args:
         num_train: training scenes.
-        num_val: validation scenes (colour/shape accuracy, box error in pixels).
+        num_val: validation scenes (colour/shape accuracy, box error in pixels of the tower's input).
         image_size: the tower's input side in pixels.
         patch_size: the tower's patch side (``image_size / patch_size`` patches per side).
         batch_size: scenes per step.
