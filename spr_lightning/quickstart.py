@@ -199,12 +199,17 @@ def stage_world(run: Run) -> dict[str, Any]:
             "warmup_samples": len(warm)}
 
 
+def fit_overrides(run: Run, stage: str, max_steps: int) -> dict[str, Any]:
+    """The trainer overrides every ``fit`` stage shares: steps, and its folder for logs and the exported model."""
+    return {"trainer.max_steps": max_steps, "trainer.default_root_dir": str(run.path(stage)),
+            "trainer.logger.init_args.save_dir": str(run.path(stage)),
+            "trainer.callbacks[0].init_args.dirpath": str(run.path(stage, "model"))}
+
+
 def stage_vision(run: Run) -> dict[str, Any]:
     s = run.size
     config = run.config("vision", "vision.yaml", {
-        "trainer.max_steps": s.vision_steps, "trainer.default_root_dir": str(run.path("vision")),
-        "trainer.logger.init_args.save_dir": str(run.path("vision")),
-        "trainer.callbacks[0].init_args.dirpath": str(run.path("vision", "model")),
+        **fit_overrides(run, "vision", s.vision_steps),
         **{f"model.init_args.{k}": v for k, v in s.vision.items()},
         "data.init_args.image_size": s.vision["image_size"], "data.init_args.patch_size": s.vision["patch_size"],
         "data.init_args.num_train": s.vision_scenes, "data.init_args.batch_size": s.vision_batch_size,
@@ -230,9 +235,7 @@ def stage_base(run: Run) -> dict[str, Any]:
 def stage_clip(run: Run) -> dict[str, Any]:
     world, s = run.path("world"), run.size
     config = run.config("clip", "clip.yaml", {
-        "trainer.max_steps": s.clip_steps, "trainer.default_root_dir": str(run.path("clip")),
-        "trainer.logger.init_args.save_dir": str(run.path("clip")),
-        "trainer.callbacks[0].init_args.dirpath": str(run.path("clip", "model")),
+        **fit_overrides(run, "clip", s.clip_steps),
         "data.init_args.annotations": str(world / "annotations" / "instances_train.json"),
         "data.init_args.image_root": str(world / "images"), "data.init_args.batch_size": s.clip_batch_size,
     })  # fmt: skip
@@ -243,9 +246,7 @@ def stage_clip(run: Run) -> dict[str, Any]:
 def stage_sft(run: Run) -> dict[str, Any]:
     s = run.size
     config = run.config("sft", "sft.yaml", {
-        "trainer.max_steps": s.sft_steps, "trainer.default_root_dir": str(run.path("sft")),
-        "trainer.logger.init_args.save_dir": str(run.path("sft")),
-        "trainer.callbacks[0].init_args.dirpath": str(run.path("sft", "model")),
+        **fit_overrides(run, "sft", s.sft_steps),
         "model.init_args.model_name_or_path": str(run.path("base", "model")),
         "data.init_args.train_file": str(run.path("world", "sft_quickstart_train.jsonl")),
         "data.init_args.image_root": str(run.path("world")), "data.init_args.batch_size": s.sft_batch_size,
@@ -296,21 +297,27 @@ def stage_dpo(run: Run) -> dict[str, Any]:
     return {"adapter": str(run.path("dpo", "adapter", "final"))}
 
 
-def _evaluate(run: Run, task: str, model: str) -> dict[str, float]:
+def eval_overrides(run: Run, task: str, model: str, adapter: str | None, folder: Path) -> dict[str, Any]:
+    """Config overrides of ``configs/quickstart/eval_<task>.yaml`` for ``model`` (+ ``adapter``) on the world's
+    test split of ``task`` (``rec`` or ``phrase``), writing into ``folder``."""
     world, s = run.path("world"), run.size
-    folder = run.path("eval", f"{task}_{model}")
     overrides: dict[str, Any] = {
-        "trainer.default_root_dir": str(folder),
-        "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
-        "model.init_args.adapter_path": str(run.path("dpo", "adapter", "final")) if model == "spr" else None,
-        "data.init_args.image_root": str(world / "images"),
+        "trainer.default_root_dir": str(folder), "model.init_args.model_name_or_path": model,
+        "model.init_args.adapter_path": adapter, "data.init_args.image_root": str(world / "images"),
         "data.init_args.max_samples": s.rec_samples if task == "rec" else s.phrase_samples,
-    }
+    }  # fmt: skip
     if task == "rec":
         overrides["data.init_args.annotations"] = str(world / "annotations" / "refcoco_shapes.json")
     else:
         overrides["data.init_args.annotations"] = str(world / "annotations" / "flickr_test.json")
         overrides["model.init_args.max_new_tokens"] = s.max_new_tokens
+    return overrides
+
+
+def _evaluate(run: Run, task: str, model: str) -> dict[str, float]:
+    folder = run.path("eval", f"{task}_{model}")
+    adapter = str(run.path("dpo", "adapter", "final")) if model == "spr" else None
+    overrides = eval_overrides(run, task, str(run.path("sft", "model", "final")), adapter, folder)
     cli = run_cli("validate", run.config(f"eval_{task}_{model}", f"eval_{task}.yaml", overrides))
     metrics = {k.split("/", 1)[-1]: float(v) for k, v in cli.trainer.callback_metrics.items()}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

@@ -291,18 +291,9 @@ def evaluate(run: ExperimentRun, task: str, model: str, adapter: str | None) -> 
     Returns:
         ``{"rec/acc@0.5": ..., ...}`` or ``{"phrase/recall@1@0.5": ..., ...}``, fractions in [0, 1].
     """
-    world, s, folder = run.path("world"), run.size, run.path(f"eval_{task}")
-    overrides: dict[str, Any] = {
-        "trainer.default_root_dir": str(folder), "model.init_args.model_name_or_path": model,
-        "model.init_args.adapter_path": adapter, "model.init_args.iou_thresholds": list(THRESHOLDS),
-        "data.init_args.image_root": str(world / "images"),
-        "data.init_args.max_samples": s.rec_samples if task == "rec" else s.phrase_samples,
-    }  # fmt: skip
-    if task == "rec":
-        overrides["data.init_args.annotations"] = str(world / "annotations" / "refcoco_shapes.json")
-    else:
-        overrides["data.init_args.annotations"] = str(world / "annotations" / "flickr_test.json")
-        overrides["model.init_args.max_new_tokens"] = s.max_new_tokens
+    folder = run.path(f"eval_{task}")
+    overrides = quickstart.eval_overrides(run, task, model, adapter, folder)
+    overrides["model.init_args.iou_thresholds"] = list(THRESHOLDS)
     cli = run_cli("validate", run.config(f"eval_{task}", f"eval_{task}.yaml", overrides))
     metrics = {f"{task}/{k.split('/', 1)[-1]}": float(v) for k, v in cli.trainer.callback_metrics.items()}
     wanted = REC_METRICS if task == "rec" else PHRASE_METRICS
