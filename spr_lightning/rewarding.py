@@ -366,6 +366,7 @@ def summarize(counts: dict[str, float], semantic: bool = True) -> dict[str, floa
 
 def format_summary(summary: dict[str, float]) -> str:
     """One readable line per group for the log and the terminal."""
+    summary = {"emptied": 0.0, **summary}  # summaries written before skip_emptied existed lack the count
     lines = [
         "PreferenceBuilder: {queries:.0f} queries ({candidates:.0f} candidates) -> {pairs:.0f} pairs; "
         "{ties:.0f} ties, {too_few:.0f} with fewer than two distinct candidates; "
