@@ -125,6 +125,8 @@ class PreferenceBuilder(LightningModule):
         skip_emptied: drop a query whose best candidate had boxes but lost every one in refinement (none matched
             an annotation). Off by default (the paper keeps such pairs); with a weak policy those box-free chosen
             answers teach DPO to stop writing boxes, so small-model runs turn it on. Counted as ``emptied``.
+        refine_keep_unmatched: refinement keeps boxes that match nothing as written instead of removing them
+            (:func:`~spr_lightning.scoring.refine.refine_description`); off by default (the paper removes them).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class PreferenceBuilder(LightningModule):
         coord_options: dict[str, Any] | None = None,
         grounder_batch_size: int = 8,
         skip_emptied: bool = False,
+        refine_keep_unmatched: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= lam <= 1.0:
@@ -289,6 +292,7 @@ class PreferenceBuilder(LightningModule):
                 q.texts[best], q.codec, q.image_size, loc[best].gt_boxes, anno_boxes=q.anno_boxes, region=q.region,
                 match_iou_threshold=self.hparams.loc_iou_threshold,
                 dedup_iou_threshold=self.hparams.dedup_iou_threshold,
+                keep_unmatched=self.hparams.refine_keep_unmatched,
             )  # fmt: skip
             chosen, stats = refined.text, refined.stats()
             if self.hparams.skip_emptied and q.text_boxes[best] and not q.codec.decode(chosen, q.image_size):
@@ -377,7 +381,7 @@ def format_summary(summary: dict[str, float]) -> str:
     if "chosen_sem" in summary:
         lines.append("  mean sem chosen {chosen_sem:.4f}  rejected {rejected_sem:.4f}".format(**summary))
     lines.append(
-        "  refinement: {refine_snapped:.0f} boxes snapped, {refine_kept:.0f} kept outside the region, "
+        "  refinement: {refine_snapped:.0f} boxes snapped, {refine_kept:.0f} kept as written, "
         "{refine_unmatched:.0f} unmatched and {refine_duplicates:.0f} duplicates removed; {emptied:.0f} pairs "
         "dropped because refinement left the chosen answer without boxes".format(**summary)
     )

@@ -39,6 +39,17 @@ def test_unmatched_box_is_removed_and_text_is_otherwise_unchanged():
     assert FERRET.strip(result.text) == FERRET.strip(text)
 
 
+def test_keep_unmatched_keeps_the_box_as_written_and_still_snaps_and_dedupes():
+    text = ("A dog [120, 90, 410, 400], a ball [450, 450, 550, 550], a cat [420, 50, 580, 300] "
+            "and the dog [110, 100, 400, 410].")
+    result = refine_description(text, FERRET, SIZE, [DOG, CAT], region=REGION, keep_unmatched=True)
+    assert result.text == ("A dog [100, 100, 400, 400], a ball [450, 450, 550, 550], a cat [420, 50, 580, 300] "
+                           "and the dog.")
+    assert result.boxes[0] == DOG and result.boxes[2] == CAT and result.boxes[3] is None
+    assert result.boxes[1] == pytest.approx((45.0, 45.0, 55.0, 55.0))  # the ball, decoded as written
+    assert (result.snapped, result.kept, result.unmatched, result.duplicates) == (2, 1, 0, 1)
+
+
 def test_later_mention_of_the_same_object_is_removed():
     text = "The dog [100, 100, 400, 400] sleeps. That dog [110, 100, 410, 390] is brown."
     result = refine_description(text, FERRET, SIZE, [DOG], region=REGION)

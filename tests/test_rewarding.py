@@ -282,3 +282,13 @@ def test_skip_emptied_drops_pairs_whose_chosen_lost_every_box(skip_emptied):
     else:
         assert keys == ["q9", "q0"] and builder.counts["emptied"] == 0
         assert FERRET.decode(pairs[0]["json"]["chosen"], SIZE) == []  # the box-free chosen answer kept
+
+
+def test_refine_keep_unmatched_keeps_the_chosen_boxes():
+    wordy_off = OFF.replace("A red square", "A bright red square right there")
+    builder = PreferenceBuilder(semantic_scorer=FakeScorer(), grounder=None, skip_emptied=True,
+                                refine_keep_unmatched=True)
+    (pair,) = builder.predict_step([_sample("q9", [NONE, wordy_off])], 0)
+    rec = pair["json"]
+    assert rec["chosen"] == wordy_off and rec["refine"]["kept"] == 2 and rec["refine"]["unmatched"] == 0
+    assert builder.counts["emptied"] == 0

@@ -43,7 +43,8 @@ class RefineResult:
         boxes: one entry per box decoded from the input, in text order: its new pixel box, or ``None`` when
             removed.
         snapped: boxes replaced by their matched ground truth.
-        kept: boxes outside the region kept as written (matched an annotation, ``snap_outside=False``).
+        kept: boxes kept as written: outside the region and matching an annotation (``snap_outside=False``), or
+            matching nothing with ``keep_unmatched=True``.
         unmatched: boxes removed because no ground truth overlaps them by more than the match threshold.
         duplicates: boxes removed as a repeat of an earlier box.
     """
@@ -84,6 +85,7 @@ def refine_description(
     dedup_iou_threshold: float = DEFAULT_DEDUP_IOU_THRESHOLD,
     inside_threshold: float = 0.5,
     snap_outside: bool = False,
+    keep_unmatched: bool = False,
 ) -> RefineResult:
     """Snap, filter and de-duplicate the boxes of one description; see the module docstring for the rules.
 
@@ -98,6 +100,9 @@ def refine_description(
         dedup_iou_threshold: a later box with IoU ``>`` this against an earlier kept box is removed.
         inside_threshold: fraction of a box's area inside ``region`` that makes it "inside".
         snap_outside: snap matched boxes outside the region to their annotation instead of keeping them.
+        keep_unmatched: keep boxes that match nothing as written (counted as ``kept``) instead of removing them. Not
+            the paper's rule: with a weak policy most written boxes match nothing, removing them makes the chosen
+            answer the one with fewer boxes, and DPO learns to write fewer boxes (``docs/quickstart.md``).
 
     Returns:
         The :class:`RefineResult`.
@@ -124,8 +129,8 @@ def refine_description(
             target = ("anno", anno_index[i])
             box = _box(anno_boxes[anno_index[i]]) if snap_outside else grounding.xyxy  # type: ignore[index]
         if target is None:
-            new.append(None)
-            kinds.append("unmatched")
+            new.append(grounding.xyxy if keep_unmatched else None)
+            kinds.append("kept" if keep_unmatched else "unmatched")
         elif target in used:  # the same object again, later in the text
             new.append(None)
             kinds.append("duplicate")
