@@ -183,18 +183,15 @@ class VisionPretrainModule(LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, box_weight: float = 10.0,
                  seed: int = 0) -> None:
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionModel
+
+        from spr_lightning.tiny._common import seeded
+        from spr_lightning.tiny.small_llava import small_vision_config
 
         self.save_hyperparameters()
-        config = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                                  projection_dim=hidden_size, num_hidden_layers=num_layers,
-                                  num_attention_heads=max(1, hidden_size // 32), image_size=image_size,
-                                  patch_size=patch_size)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        self.tower = CLIPVisionModel(config)
-        self.head = nn.Linear(hidden_size, HEAD_WIDTH)
-        torch.random.set_rng_state(generator_state)
+        with seeded(seed):
+            self.tower = CLIPVisionModel(small_vision_config(image_size, patch_size, hidden_size, num_layers))
+            self.head = nn.Linear(hidden_size, HEAD_WIDTH)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -43,7 +43,14 @@ from transformers import (
 from spr_lightning.tiny._common import prepare_dir, seeded
 from spr_lightning.tiny.tokenizer_factory import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIAL_TOKENS
 
-__all__ = ["MINIGPT_V2_TOKENS", "build_small_llava", "build_shapes_tokenizer", "make_small_llava", "shapes_corpus"]
+__all__ = [
+    "MINIGPT_V2_TOKENS",
+    "build_shapes_tokenizer",
+    "build_small_llava",
+    "make_small_llava",
+    "shapes_corpus",
+    "small_vision_config",
+]
 
 DEFAULT_VOCAB_SIZE = 1024
 
@@ -114,6 +121,14 @@ def build_shapes_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE,
     return tokenizer
 
 
+def small_vision_config(image_size: int, patch_size: int, hidden_size: int, num_layers: int) -> CLIPVisionConfig:
+    """The CLIP ViT shape of the small LLaVA (heads of 32 channels, MLP 4x wide); also what
+    :class:`~spr_lightning.shapes.vision_pretraining.VisionPretrainModule` pretrains, so the two always agree."""
+    return CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=4 * hidden_size, projection_dim=hidden_size,
+                            num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 32),
+                            image_size=image_size, patch_size=patch_size)
+
+
 def make_small_llava(
     *,
     seed: int = 0,
@@ -155,10 +170,7 @@ def make_small_llava(
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     tokenizer = build_shapes_tokenizer(vocab_size, location_tokens)
     if tower is None:
-        vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                                  projection_dim=vision_hidden, num_hidden_layers=vision_layers,
-                                  num_attention_heads=max(1, vision_hidden // 32), image_size=image_size,
-                                  patch_size=patch_size)
+        vision = small_vision_config(image_size, patch_size, vision_hidden, vision_layers)
     heads = max(2, text_hidden // 32)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=3 * text_hidden,
                        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
