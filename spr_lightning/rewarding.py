@@ -295,7 +295,7 @@ class PreferenceBuilder(LightningModule):
                 keep_unmatched=self.hparams.refine_keep_unmatched,
             )  # fmt: skip
             chosen, stats = refined.text, refined.stats()
-            if self.hparams.skip_emptied and q.text_boxes[best] and not q.codec.decode(chosen, q.image_size):
+            if self.hparams.skip_emptied and q.text_boxes[best] and all(b is None for b in refined.boxes):
                 self.counts["emptied"] += 1
                 return None
         if chosen == q.texts[worst]:  # refinement made the best identical to the worst: nothing to learn
