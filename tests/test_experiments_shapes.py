@@ -180,6 +180,20 @@ def test_arguments_are_checked_before_anything_runs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_sft_start_must_be_a_finished_quickstart_run(tmp_path):
+    start = tmp_path / "qs"
+    for stage in ("world", "vision", "clip", "base"):
+        (start / stage).mkdir(parents=True)
+        (start / stage / "DONE").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"stage\(s\) \['sft'\] not finished"):
+        shapes.run_experiment(tmp_path / "x", "toy", seeds=[0], sft_start=start)
+    experiment = shapes.ShapesExperiment(tmp_path / "x", "toy", [4], ["sft", "spr"], sft_start=start)
+    arm = experiment.arm_run(4, "spr")
+    assert arm.path("sft", "model") == start / "sft" / "model" and arm.path("world") == start / "world"
+    assert arm.path("generate") == tmp_path / "x" / "seed_4" / "generate"  # the SPR stages are the seed's own
+    assert experiment.seed_run(4).path("base") == start / "base"
+
+
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
     assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only"]
     assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"
@@ -220,6 +234,7 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert agg["sem_only"]["seeds"] == [] and agg["loc_only"]["seeds"] == [0, 1]
     assert set(agg["loc_only"]["gain"]) == set(shapes.METRICS)
     assert results["pairs"]["loc_only"]["0"]["pairs"] > 0 and "dpo_margin" in results["pairs"]["loc_only"]["0"]
+    assert 0.0 <= results["pairs"]["loc_only"]["0"]["chosen_named"] <= 1.0  # pair quality vs the annotations
     assert results["pairs"]["sft_chosen"]["0"]["pairs"] == results["pairs"]["spr"]["0"]["pairs"]
     # the Tab. 8 arm trained (LoRA merged into a full model) on the chosen answers of the spr pairs
     chosen = out / "seed_0" / "arms" / "sft_chosen"
@@ -243,3 +258,16 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads((out / "results.json").read_text())
     assert all(t["reused"] for t in again["timings"]) and len(again["timings"]) == len(results["timings"])
     assert again["per_seed"] == results["per_seed"]
+    # --sft-start: a quickstart-layout folder (here links into this experiment) is every seed's start
+    start = tmp_path / "qs"
+    start.mkdir()
+    for stage, target in (("world", out / "world"), ("vision", out / "vision"), ("clip", out / "clip"),
+                          ("base", out / "seed_0" / "base"), ("sft", out / "seed_0" / "sft")):
+        (start / stage).symlink_to(target)
+    out2 = tmp_path / "exp2"
+    shapes.main(["--out", str(out2), "--size", "toy", "--seeds", "7", "--arms", "spr", "--sft-start", str(start)])
+    started = json.loads((out2 / "results.json").read_text())
+    assert started["sft_start"] == str(start.resolve())
+    assert started["per_seed"]["sft"]["7"] == results["per_seed"]["sft"]["0"]  # the same SFT model, evaluated
+    assert not (out2 / "seed_7" / "sft").exists() and not (out2 / "world").exists()
+    assert (out2 / "seed_7" / "generate" / "DONE").is_file()

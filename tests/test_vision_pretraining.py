@@ -40,6 +40,10 @@ def test_dense_targets_by_hand() -> None:
     np.testing.assert_allclose(t.box[0], np.array([10, 10, 30, 30]) / 128)  # the later (upper) object's box
     np.testing.assert_allclose(t.box[10], np.array([70, 70, 100, 100]) / 128)
     assert not t.box[[1, 5, 15]].any()
+    np.testing.assert_allclose(t.object_box[0], np.array([10, 10, 30, 30]) / 128)  # top object at the centre
+    np.testing.assert_allclose(t.object_box[10], np.array([70, 70, 100, 100]) / 128)
+    assert not t.object_box[t.color == 0].any()  # background patches carry no box
+    assert (t.object_box.any(axis=1) == (t.color > 0)).all()
 
 
 def test_data_module_is_deterministic_and_shaped() -> None:
@@ -47,9 +51,9 @@ def test_data_module_is_deterministic_and_shaped() -> None:
     b = ShapesDenseDataModule(num_train=3, num_val=2, image_size=32, patch_size=16, batch_size=2, scene_seed=5)
     a.setup("fit")
     b.setup("fit")
-    images, color, shape, center, box = a.train_set.tensors
+    images, color, shape, center, box, object_box = a.train_set.tensors
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
-    assert color.shape == shape.shape == center.shape == (3, 4) and box.shape == (3, 4, 4)
+    assert color.shape == shape.shape == center.shape == (3, 4) and box.shape == object_box.shape == (3, 4, 4)
     assert int(color.max()) < NUM_COLOR_CLASSES and int(shape.max()) < NUM_SHAPE_CLASSES
     assert center.sum() > 0
     for x, y in zip(a.train_set.tensors, b.train_set.tensors):

@@ -54,6 +54,7 @@ from typing import Any
 import yaml
 
 from spr_lightning import quickstart
+from spr_lightning.experiments.pair_quality import pair_quality
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli
 
 __all__ = [
@@ -167,6 +168,22 @@ def template_value(template: str, dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+#: Stages a ``--sft-start`` quickstart run must have finished: the experiment reuses them for every seed.
+_START_STAGES = ("world", "vision", "clip", "base", "sft")
+
+
+def check_sft_start(folder: Path) -> None:
+    """Fail early, naming what is missing, when ``folder`` is not a finished quickstart run up to ``sft``."""
+    missing = [stage for stage in _START_STAGES if not (folder / stage / "DONE").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--sft-start {folder}: stage(s) {missing} not finished there (no DONE file); "
+                                "run python -m spr_lightning.quickstart --out <that folder> --size <size> first")
+
+
+def _never_run(run: ExperimentRun) -> dict[str, Any]:
+    raise AssertionError("a --sft-start stage must be DONE in the start folder")  # check_sft_start ran first
 
 
 # ----------------------------------------------------------------------------------- pairs -> SFT data
@@ -390,6 +407,8 @@ PAIR_COLUMNS = (
     ("pairs", "pairs", 0), ("queries", "regions", 0), ("chosen_total", "S chosen", 3),
     ("rejected_total", "S rejected", 3), ("refine_snapped", "boxes snapped", 0),
     ("refine_unmatched", "boxes removed", 0), ("dpo_margin", "DPO margin", 3), ("dpo_accuracy", "DPO acc", 2),
+    ("chosen_named", "chosen named right", 3), ("rejected_named", "rejected named right", 3),
+    ("chosen_better", "chosen better", 3), ("chosen_worse", "chosen worse", 3),
 )  # fmt: skip
 
 
@@ -465,8 +484,10 @@ class ShapesExperiment:
     """The whole experiment: shared world and CLIP, then per seed the SFT start, its generations and every arm."""
 
     def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
-                 rec_samples: int | None = None, phrase_samples: int | None = None) -> None:
+                 rec_samples: int | None = None, phrase_samples: int | None = None,
+                 sft_start: Path | None = None) -> None:
         self.out = out
+        self.sft_start = sft_start
         self.size_name = size_name
         size = SIZES[size_name]
         self.size = replace(size, rec_samples=rec_samples or size.rec_samples,
@@ -476,8 +497,18 @@ class ShapesExperiment:
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
         self.shared = ExperimentRun(out, size_name, size=self.size)
 
+    def _shared_links(self, seed: int) -> dict[str, Path]:
+        """Where the shared stages (and, with ``sft_start``, the SFT start) of ``seed`` live."""
+        if self.sft_start is not None:
+            return {stage: self.sft_start / stage for stage in _START_STAGES}
+        root = self.out / f"seed_{seed}"
+        return {"world": self.out / "world", "vision": self.out / "vision", "clip": self.out / "clip",
+                "base": root / "base", "sft": root / "sft"}
+
     def seed_run(self, seed: int) -> ExperimentRun:
-        links = {"world": self.out / "world", "vision": self.out / "vision", "clip": self.out / "clip"}
+        links = self._shared_links(seed)
+        if self.sft_start is None:
+            links = {k: v for k, v in links.items() if k not in ("base", "sft")}
         overrides = {"*": {"seed_everything": seed}, "sft": {"data.init_args.seed": seed},
                      "generate": {"model.init_args.seed": seed,
                                   "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
@@ -486,8 +517,7 @@ class ShapesExperiment:
 
     def arm_run(self, seed: int, arm: str) -> ExperimentRun:
         root = self.out / f"seed_{seed}"
-        links = {"world": self.out / "world", "vision": self.out / "vision", "clip": self.out / "clip",
-                 "base": root / "base", "sft": root / "sft", "generate": root / "generate"}
+        links = {**self._shared_links(seed), "generate": root / "generate"}
         score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
         overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed},
                      "chosen_sft": {"data.init_args.seed": seed}}
@@ -518,8 +548,12 @@ class ShapesExperiment:
     def run_seed(self, seed: int) -> tuple[dict[str, dict[str, float] | None], dict[str, dict[str, float]]]:
         """Every arm for one seed: ``(arm -> metrics or None, arm -> pair/DPO statistics)``."""
         run, scope = self.seed_run(seed), f"seed {seed}"
-        self.stage(run, "base", lambda r: _stage_base(r, seed), scope)
-        self.stage(run, "sft", quickstart.stage_sft, scope)
+        if self.sft_start is None:
+            self.stage(run, "base", lambda r: _stage_base(r, seed), scope)
+            self.stage(run, "sft", quickstart.stage_sft, scope)
+        else:
+            for stage in ("base", "sft"):
+                self.stage(run, stage, _never_run, f"{scope} (--sft-start)")
         self.stage(run, "generate", quickstart.stage_generate, scope)
         sft_model = str(run.path("sft", "model", "final"))
         metrics: dict[str, dict[str, float] | None] = {}
@@ -537,6 +571,16 @@ class ShapesExperiment:
                 evaluation = functools.partial(evaluate, task=task, model=model, adapter=adapter)
                 metrics[arm].update(self.stage(arm_run, f"eval_{task}", evaluation, arm_scope))
         return metrics, pairs
+
+    def _pair_quality(self, seed: int, arm: str) -> dict[str, float]:
+        """:func:`~spr_lightning.experiments.pair_quality.pair_quality` of an arm's pairs (cached beside them)."""
+        run = self.arm_run(seed, arm)
+        cache = run.path("score", "pair_quality.json")
+        if not cache.is_file():
+            annotations = run.path("world", "annotations", "instances_train.json")
+            summary = pair_quality(run.path("score", "pairs"), annotations, quickstart.COORD_FORMAT)
+            cache.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items() if k != "pairs"}
 
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
         return self.stage(self.arm_run(seed, arm), "score", _stage_score, f"seed {seed} / {arm}")
@@ -559,6 +603,7 @@ class ShapesExperiment:
         stats = {k: float(v) for k, v in score["summary"].items()}
         if not score["summary"].get("pairs"):
             return None, None, stats
+        stats.update(self._pair_quality(seed, arm))
         info = self.stage(run, "dpo", quickstart.stage_dpo, scope)
         logs = sorted(run.path("dpo", "logs").glob("version_*/metrics.csv"))
         if logs:
@@ -568,9 +613,13 @@ class ShapesExperiment:
     def run(self) -> dict[str, Any]:
         """Run (or resume) everything; returns what ``results.json`` holds."""
         start = time.perf_counter()
-        self.stage(self.shared, "world", quickstart.stage_world, "shared")
-        self.stage(self.shared, "vision", quickstart.stage_vision, "shared")
-        self.stage(self.shared, "clip", quickstart.stage_clip, "shared")
+        shared = self.shared
+        if self.sft_start is not None:
+            check_sft_start(self.sft_start)
+            shared = ExperimentRun(self.out, self.size_name, self._shared_links(self.seeds[0]), size=self.size)
+        for stage, fn in (("world", quickstart.stage_world), ("vision", quickstart.stage_vision),
+                          ("clip", quickstart.stage_clip)):
+            self.stage(shared, stage, fn if self.sft_start is None else _never_run, "shared")
         per_seed: dict[str, dict[int, dict[str, float] | None]] = {arm: {} for arm in self.arms}
         pairs: dict[str, dict[int, dict[str, float]]] = {}
         for seed in self.seeds:
@@ -583,6 +632,7 @@ class ShapesExperiment:
             "size": self.size_name, "seeds": self.seeds, "arms": self.arms, "thresholds": list(THRESHOLDS),
             "coord_format": template_value("eval_rec.yaml", "model.init_args.coord_format"),
             "eval_samples": {"rec": self.size.rec_samples, "phrase": self.size.phrase_samples},
+            "sft_start": str(self.sft_start) if self.sft_start is not None else None,
             "arm_definitions": {a: {"paper": ARMS[a].paper, "description": ARMS[a].description} for a in self.arms},
             "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs,
             "timings": [vars(t) for t in self.timings.values()],
@@ -649,7 +699,10 @@ Values in percent, mean ± sample std over seeds.
 
 Mean ± std over seeds. S: the combined score λ S_sem + (1 - λ) S_loc of the arm's own λ; boxes snapped / removed:
 the refinement's counts; DPO margin / acc: mean of the last 10 logged steps. `sft_chosen` trains on the chosen
-answers of the `spr` pairs (its "pairs" column counts them).
+answers of the `spr` pairs (its "pairs" column counts them). Checked against the annotations
+(`spr_lightning.experiments.pair_quality`): "named right" is the share of an answer's boxes that lie on an object
+(IoU >= 0.5) whose category name their phrase contains (chosen after refinement); "chosen better / worse" the share
+of pairs whose chosen answer has a larger / smaller such share than the rejected one.
 
 {pair_table(results['pairs'])}
 
@@ -685,6 +738,7 @@ def run_experiment(
     rec_samples: int | None = None,
     phrase_samples: int | None = None,
     command: str | None = None,
+    sft_start: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
 
@@ -696,6 +750,10 @@ def run_experiment(
         rec_samples: REC test expressions evaluated (default: the size's).
         phrase_samples: phrase-grounding test captions evaluated (default: the size's).
         command: the command line recorded in the report.
+        sft_start: a finished quickstart run folder (``python -m spr_lightning.quickstart --out DIR --size SIZE``) of
+            the same size: its world, vision tower, CLIP, base and SFT model are the start of every seed, and only
+            the SPR stages (generation, scoring, training, evaluation) vary with the seed. Seed spread then measures
+            the SPR stages' noise on one start, not the SFT start's.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -707,11 +765,14 @@ def run_experiment(
     chosen = set(arms or ARMS) | {BASELINE}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(out).resolve()
-    experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples)
+    start = Path(sft_start).resolve() if sft_start is not None else None
+    experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples,
+                                  start)
     results = experiment.run()
     if command is None:
         command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
-                   f"--seeds {' '.join(map(str, seeds))} --arms {' '.join(experiment.arms)}")
+                   f"--seeds {' '.join(map(str, seeds))} --arms {' '.join(experiment.arms)}"
+                   + (f" --sft-start {sft_start}" if sft_start is not None else ""))
     text = write_report(results, root, command)
     print("\n" + text, flush=True)
     return results
@@ -727,9 +788,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="arms to run (default all; sft always runs)")
     parser.add_argument("--rec-samples", type=int, help="REC test expressions evaluated (default: the size's)")
     parser.add_argument("--phrase-samples", type=int, help="phrase test captions evaluated (default: the size's)")
+    parser.add_argument("--sft-start", help="a finished quickstart run folder of the same size: every seed starts "
+                        "from its SFT model (only the SPR stages vary with the seed)")
     args = parser.parse_args(argv)
     command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
-    return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command)
+    return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command,
+                          args.sft_start)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ predicts:
 
 * the colour and the shape of the object on top at the patch's centre pixel (or background);
 * whether the centre of some object's box falls in the patch, and if so that box, as fractions of the image
-  (the top-most object when several centres share a patch).
+  (the top-most object when several centres share a patch);
+* the box of the object on top at the patch's centre pixel, on every patch an object covers ("object box", as
+  FCOS-style dense detectors regress the box from every location inside it).
+
+The object box matters for the LLaVA: to answer "where is the small red circle?" its language model attends to the
+patches whose features say *red circle* and reads a box from what it attends to. With the box on the centre patch
+only, attention spread over an object's patches averages its box with patches that carry none; with every patch
+of the object carrying the box, any mix of them reads the same box.
 
 Colour and shape make the features say *what* is there; the box makes them say *where*, to sub-patch precision,
 which is what REC at IoU 0.9 needs. The heads are dropped on export: :meth:`VisionPretrainModule.export_model`
@@ -46,10 +53,10 @@ __all__ = [
 ]
 
 _COLOR_NAMES = tuple(COLORS)
-#: Output channels of the dense head: colours + background, shapes + background, box-centre logit, box.
+#: Output channels of the dense head: colours + background, shapes + background, box-centre logit, box, object box.
 NUM_COLOR_CLASSES = len(_COLOR_NAMES) + 1
 NUM_SHAPE_CLASSES = len(SHAPES) + 1
-HEAD_WIDTH = NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES + 1 + 4
+HEAD_WIDTH = NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES + 1 + 4 + 4
 #: CLIP's normalisation (the LLaVA's ``CLIPImageProcessor`` uses the same constants).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,12 +72,15 @@ class DenseTargets:
         shape: the same for its shape (``1 + index`` in :data:`~spr_lightning.shapes.scene.SHAPES`).
         center: ``[grid * grid]`` 1.0 where an object's box centre falls in the patch.
         box: ``[grid * grid, 4]`` that object's ``x1, y1, x2, y2`` as fractions of the image (0 elsewhere).
+        object_box: ``[grid * grid, 4]`` the box of the top object at the patch centre, as fractions of the image
+            (0 where ``color`` is background).
     """
 
     color: np.ndarray
     shape: np.ndarray
     center: np.ndarray
     box: np.ndarray
+    object_box: np.ndarray
 
 
 def dense_targets(scene: Scene, grid: int) -> DenseTargets:
@@ -82,10 +92,13 @@ def dense_targets(scene: Scene, grid: int) -> DenseTargets:
     ys = ((np.arange(grid) + 0.5) * height / grid).astype(int)
     xs = ((np.arange(grid) + 0.5) * width / grid).astype(int)
     top = owner[np.ix_(ys, xs)]
+    object_box = np.zeros((grid, grid, 4), np.float32)
     for k, obj in enumerate(scene.objects):
         on_top = top == k
         color[on_top] = 1 + _COLOR_NAMES.index(obj.color)
         shape[on_top] = 1 + SHAPES.index(obj.shape)
+        x1, y1, x2, y2 = obj.box
+        object_box[on_top] = (x1 / width, y1 / height, x2 / width, y2 / height)
     center = np.zeros((grid, grid), np.float32)
     box = np.zeros((grid, grid, 4), np.float32)
     for obj in scene.objects:  # drawn bottom to top: a later (higher) object overwrites a shared patch
@@ -94,7 +107,8 @@ def dense_targets(scene: Scene, grid: int) -> DenseTargets:
         gy = min(int((y1 + y2) / 2 / height * grid), grid - 1)
         center[gy, gx] = 1.0
         box[gy, gx] = (x1 / width, y1 / height, x2 / width, y2 / height)
-    return DenseTargets(color.reshape(-1), shape.reshape(-1), center.reshape(-1), box.reshape(-1, 4))
+    return DenseTargets(color.reshape(-1), shape.reshape(-1), center.reshape(-1), box.reshape(-1, 4),
+                        object_box.reshape(-1, 4))
 
 
 def render_dense_sample(seed: int, index: int, image_size: int, grid: int,
@@ -145,7 +159,8 @@ class ShapesDenseDataModule(LightningDataModule):
         def stack(name: str) -> Tensor:
             return torch.from_numpy(np.stack([getattr(s[1], name) for s in samples]))
 
-        return TensorDataset(images, stack("color"), stack("shape"), stack("center"), stack("box"))
+        return TensorDataset(images, stack("color"), stack("shape"), stack("center"), stack("box"),
+                             stack("object_box"))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -164,8 +179,9 @@ class ShapesDenseDataModule(LightningDataModule):
 class VisionPretrainModule(LightningModule):
     """A ``CLIPVisionModel`` (randomly initialised) plus a linear dense head, trained on :class:`DenseTargets`.
 
-    Loss: cross-entropy of colour and shape over all patches, binary cross-entropy of the box-centre flag, and
-    ``box_weight`` x L1 of the box (image fractions) on the patches that hold a centre.
+    Loss: cross-entropy of colour and shape over all patches, binary cross-entropy of the box-centre flag,
+    ``box_weight`` x L1 of the box (image fractions) on the patches that hold a centre, and ``object_box_weight`` x
+    L1 of the object box on the patches an object covers.
 
     Args:
         image_size: input side in pixels (must match the data module).
@@ -176,12 +192,13 @@ class VisionPretrainModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps spent warming up.
         box_weight: weight of the box L1 term.
+        object_box_weight: weight of the object-box L1 term (0 turns it off).
         seed: seeds the initial weights.
     """
 
     def __init__(self, image_size: int = 96, patch_size: int = 12, hidden_size: int = 128, num_layers: int = 3,
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, box_weight: float = 10.0,
-                 seed: int = 0) -> None:
+                 object_box_weight: float = 10.0, seed: int = 0) -> None:
         super().__init__()
         from transformers import CLIPVisionModel
 
@@ -202,38 +219,43 @@ class VisionPretrainModule(LightningModule):
         return self.head(hidden)
 
     def _losses(self, batch: list[Tensor]) -> dict[str, Tensor]:
-        images, color, shape, center, box = batch
+        images, color, shape, center, box, object_box = batch
         out = self(images)
         c, s = NUM_COLOR_CLASSES, NUM_SHAPE_CLASSES
         color_logits, shape_logits = out[..., :c], out[..., c : c + s]
-        center_logit, box_pred = out[..., c + s], out[..., c + s + 1 :]
+        center_logit, box_pred, object_box_pred = out[..., c + s], out[..., c + s + 1 : -4], out[..., -4:]
         has = center > 0
         box_l1 = (box_pred[has] - box[has]).abs().mean() if has.any() else box_pred.sum() * 0.0
+        objects = color > 0
+        object_box_l1 = ((object_box_pred[objects] - object_box[objects]).abs().mean() if objects.any()
+                         else object_box_pred.sum() * 0.0)
         losses = {
             "color": nn.functional.cross_entropy(color_logits.flatten(0, 1), color.flatten()),
             "shape": nn.functional.cross_entropy(shape_logits.flatten(0, 1), shape.flatten()),
             "center": nn.functional.binary_cross_entropy_with_logits(center_logit, center),
             "box_l1": box_l1,
         }
-        losses["loss"] = losses["color"] + losses["shape"] + losses["center"] + self.hparams.box_weight * box_l1
-        objects = color > 0
+        losses["object_box_l1"] = object_box_l1
+        losses["loss"] = (losses["color"] + losses["shape"] + losses["center"] + self.hparams.box_weight * box_l1
+                          + self.hparams.object_box_weight * object_box_l1)
         losses["color_accuracy"] = (color_logits.argmax(-1) == color)[objects].float().mean()
         losses["shape_accuracy"] = (shape_logits.argmax(-1) == shape)[objects].float().mean()
         losses["box_error_px"] = box_l1.detach() * images.shape[-1]
+        losses["object_box_error_px"] = object_box_l1.detach() * images.shape[-1]
         return losses
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         losses = self._losses(batch)
         size = batch[0].shape[0]
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=size)
-        for name in ("color_accuracy", "shape_accuracy", "box_error_px"):
+        for name in ("color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px"):
             self.log(f"train/{name}", losses[name], batch_size=size)
         return losses["loss"]
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         losses = self._losses(batch)
         size = batch[0].shape[0]
-        for name in ("loss", "color_accuracy", "shape_accuracy", "box_error_px"):
+        for name in ("loss", "color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px"):
             self.log(f"val/{name}", losses[name], prog_bar=name != "loss", batch_size=size)
 
     def configure_optimizers(self) -> Any:
