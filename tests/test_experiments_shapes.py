@@ -192,6 +192,9 @@ def test_sft_start_must_be_a_finished_quickstart_run(tmp_path):
     assert arm.path("sft", "model") == start / "sft" / "model" and arm.path("world") == start / "world"
     assert arm.path("generate") == tmp_path / "x" / "seed_4" / "generate"  # the SPR stages are the seed's own
     assert experiment.seed_run(4).path("base") == start / "base"
+    two = shapes.ShapesExperiment(tmp_path / "x", "toy", [4, 5], ["sft", "spr"], sft_start=start)
+    assert two.arm_run(5, "sft").root == two.arm_run(4, "sft").root  # the shared start is evaluated once
+    assert two.arm_run(5, "spr").root != two.arm_run(4, "spr").root
 
 
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():

@@ -516,6 +516,8 @@ class ShapesExperiment:
         return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, overrides, self.size)
 
     def arm_run(self, seed: int, arm: str) -> ExperimentRun:
+        if self.sft_start is not None and ARMS[arm].training == "none":
+            seed = self.seeds[0]  # one shared SFT start: evaluated once, the same numbers for every seed
         root = self.out / f"seed_{seed}"
         links = {**self._shared_links(seed), "generate": root / "generate"}
         score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
