@@ -88,6 +88,19 @@ def test_pretraining_learns_and_exports_a_tower_the_llava_loads(tmp_path) -> Non
     assert tokens == ["{", "<12>", "<40>", "<100>", "<0>", "}"]
 
 
+def test_object_box_term_counts_only_with_its_weight() -> None:
+    data = ShapesDenseDataModule(num_train=4, num_val=0, image_size=32, patch_size=16, batch_size=4, scene_seed=2)
+    data.setup("fit")
+    batch = list(data.train_set.tensors)
+    off = VisionPretrainModule(image_size=32, patch_size=16, hidden_size=32, num_layers=1, seed=1)
+    on = VisionPretrainModule(image_size=32, patch_size=16, hidden_size=32, num_layers=1, seed=1, object_box_weight=2.0)
+    with torch.no_grad():
+        loss_off, loss_on = off._losses(batch), on._losses(batch)
+    assert float(loss_on["object_box_l1"]) > 0
+    assert float(loss_on["loss"]) == pytest.approx(float(loss_off["loss"]) + 2.0 * float(loss_on["object_box_l1"]),
+                                                   rel=1e-5)
+
+
 def test_too_few_scenes_for_a_batch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="num_train >= batch_size"):
         ShapesDenseDataModule(num_train=8, batch_size=32)
