@@ -197,6 +197,18 @@ def test_sft_start_must_be_a_finished_quickstart_run(tmp_path):
     assert two.arm_run(5, "spr").root != two.arm_run(4, "spr").root
 
 
+def test_dpo_lr_and_epochs_apply_to_dpo_and_its_sft_twin(tmp_path):
+    experiment = shapes.ShapesExperiment(tmp_path, "toy", [0], ["sft", "spr", "sft_chosen"], dpo_lr=3e-3, dpo_epochs=5)
+    assert experiment.size.dpo_epochs == 5
+    for arm, stage in (("spr", "dpo"), ("sft_chosen", "chosen_sft")):
+        assert experiment.arm_run(0, arm).overrides[stage]["model.init_args.lr"] == 3e-3
+    default = shapes.ShapesExperiment(tmp_path, "toy", [0], ["sft", "spr"])
+    assert "model.init_args.lr" not in default.arm_run(0, "spr").overrides["dpo"]
+    assert default.size.dpo_epochs == quickstart.SIZES["toy"].dpo_epochs
+    with pytest.raises(ValueError, match="dpo_lr"):
+        shapes.run_experiment(tmp_path / "x", "toy", dpo_lr=0.0)
+
+
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
     assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only"]
     assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"

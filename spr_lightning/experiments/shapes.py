@@ -485,13 +485,15 @@ class ShapesExperiment:
 
     def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
                  rec_samples: int | None = None, phrase_samples: int | None = None,
-                 sft_start: Path | None = None) -> None:
+                 sft_start: Path | None = None, dpo_lr: float | None = None, dpo_epochs: int | None = None) -> None:
         self.out = out
         self.sft_start = sft_start
+        self.dpo_lr = dpo_lr
         self.size_name = size_name
         size = SIZES[size_name]
         self.size = replace(size, rec_samples=rec_samples or size.rec_samples,
-                            phrase_samples=phrase_samples or size.phrase_samples)
+                            phrase_samples=phrase_samples or size.phrase_samples,
+                            dpo_epochs=dpo_epochs or size.dpo_epochs)
         self.seeds = list(seeds)
         self.arms = list(arms)
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
@@ -521,8 +523,9 @@ class ShapesExperiment:
         root = self.out / f"seed_{seed}"
         links = {**self._shared_links(seed), "generate": root / "generate"}
         score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
-        overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed},
-                     "chosen_sft": {"data.init_args.seed": seed}}
+        lr = {} if self.dpo_lr is None else {"model.init_args.lr": self.dpo_lr}  # DPO and its Tab. 8 twin alike
+        overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed, **lr},
+                     "chosen_sft": {"data.init_args.seed": seed, **lr}}
         return ExperimentRun(root / "arms" / arm, self.size_name, links, overrides, self.size)
 
     def stage(self, run: ExperimentRun, stage: str, fn: Callable[[ExperimentRun], dict[str, Any]],
@@ -635,6 +638,8 @@ class ShapesExperiment:
             "coord_format": template_value("eval_rec.yaml", "model.init_args.coord_format"),
             "eval_samples": {"rec": self.size.rec_samples, "phrase": self.size.phrase_samples},
             "sft_start": str(self.sft_start) if self.sft_start is not None else None,
+            "dpo_lr": self.dpo_lr if self.dpo_lr is not None else _dpo_setting("lr"),
+            "dpo_epochs": self.size.dpo_epochs,
             "arm_definitions": {a: {"paper": ARMS[a].paper, "description": ARMS[a].description} for a in self.arms},
             "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs,
             "timings": [vars(t) for t in self.timings.values()],
@@ -677,11 +682,16 @@ def write_report(results: Mapping[str, Any], out: Path, command: str) -> str:
     png = plot_gains(results["aggregate"], out / "gain_vs_iou.png")
     arms = "\n".join(f"- `{a}` ({d['paper']}): {d['description']}" for a, d in results["arm_definitions"].items())
     seeds = ", ".join(str(s) for s in results["seeds"])
+    start_note = ""
+    if results.get("sft_start"):
+        start_note = (f" Every seed starts from the SFT model of `{results['sft_start']}`: seeds vary the SPR stages "
+                      "only (sampled descriptions, LoRA init, pair order), and `sft` is evaluated once.")
     text = f"""# SPR on SPR-Shapes ({results['size']}): SPR-DPO vs the SFT start, with ablations
 
 Seeds {seeds}; REC test split ({results['eval_samples']['rec']} expressions), phrase-grounding test split
 ({results['eval_samples']['phrase']} captions, merged boxes); coordinate format `{results['coord_format']}`.
-Values in percent, mean ± sample std over seeds.
+Values in percent, mean ± sample std over seeds. DPO (and the `sft_chosen` arm): learning rate
+{results.get('dpo_lr')}, {results.get('dpo_epochs')} epoch(s).{start_note}
 
 ```
 {command}
@@ -741,6 +751,8 @@ def run_experiment(
     phrase_samples: int | None = None,
     command: str | None = None,
     sft_start: str | Path | None = None,
+    dpo_lr: float | None = None,
+    dpo_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
 
@@ -756,6 +768,8 @@ def run_experiment(
             the same size: its world, vision tower, CLIP, base and SFT model are the start of every seed, and only
             the SPR stages (generation, scoring, training, evaluation) vary with the seed. Seed spread then measures
             the SPR stages' noise on one start, not the SFT start's.
+        dpo_lr: learning rate of DPO and of the ``sft_chosen`` arm (default: ``configs/quickstart/dpo.yaml``'s).
+        dpo_epochs: epochs of DPO and of the ``sft_chosen`` arm (default: the size's).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -768,13 +782,17 @@ def run_experiment(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(out).resolve()
     start = Path(sft_start).resolve() if sft_start is not None else None
+    if (dpo_lr is not None and dpo_lr <= 0) or (dpo_epochs is not None and dpo_epochs < 1):
+        raise ValueError(f"dpo_lr must be > 0 and dpo_epochs >= 1, got {dpo_lr}, {dpo_epochs}")
     experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples,
-                                  start)
+                                  start, dpo_lr, dpo_epochs)
     results = experiment.run()
     if command is None:
         command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
                    f"--seeds {' '.join(map(str, seeds))} --arms {' '.join(experiment.arms)}"
-                   + (f" --sft-start {sft_start}" if sft_start is not None else ""))
+                   + (f" --sft-start {sft_start}" if sft_start is not None else "")
+                   + (f" --dpo-lr {dpo_lr}" if dpo_lr is not None else "")
+                   + (f" --dpo-epochs {dpo_epochs}" if dpo_epochs is not None else ""))
     text = write_report(results, root, command)
     print("\n" + text, flush=True)
     return results
@@ -792,10 +810,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phrase-samples", type=int, help="phrase test captions evaluated (default: the size's)")
     parser.add_argument("--sft-start", help="a finished quickstart run folder of the same size: every seed starts "
                         "from its SFT model (only the SPR stages vary with the seed)")
+    parser.add_argument("--dpo-lr", type=float, help="learning rate of DPO and of the sft_chosen arm "
+                        "(default: configs/quickstart/dpo.yaml's)")
+    parser.add_argument("--dpo-epochs", type=int, help="epochs of DPO and of the sft_chosen arm (default: the size's)")
     args = parser.parse_args(argv)
     command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
     return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command,
-                          args.sft_start)
+                          args.sft_start, args.dpo_lr, args.dpo_epochs)
 
 
 if __name__ == "__main__":
