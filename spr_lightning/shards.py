@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,23 @@ def next_shard_index(output_dir: str | Path, prefix: str, rank: int) -> int:
     indices = [int(m.group(1)) for p in Path(output_dir).glob(f"{prefix}-r{rank:03d}-*.tar")
                if (m := pattern.match(p.name))]
     return max(indices, default=-1) + 1
+
+
+def tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample of a WebDataset tar, in order (keys end at the first dot)."""
+    current, members = None, {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if current is not None:
+        yield current, members
 
 
 class ShardReadErrorHandler:

@@ -18,7 +18,6 @@ the share of ``on_object`` and ``named`` boxes and the mean best IoU; and how of
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import statistics
 from collections.abc import Iterator, Mapping
@@ -30,6 +29,7 @@ import torch
 from torchvision.ops import box_iou
 
 from spr_lightning.coords import get_codec
+from spr_lightning.shards import ShardFormatError, tar_samples
 
 __all__ = ["SIDES", "AnswerQuality", "answer_quality", "format_quality", "iter_pairs", "load_objects", "main",
            "pair_quality"]
@@ -75,17 +75,22 @@ def answer_quality(text: str, objects: list[tuple[str, list[float]]], image_size
 
 
 def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The JSON record of every pair in the ``*.tar`` shards of ``pairs_dir`` (images are not read)."""
-    import tarfile
+    """The JSON record of every pair in the complete shards of ``pairs_dir``, each key once, as DPO reads them."""
+    from datamodules.preference import expand_urls
 
-    shards = sorted(glob.glob(str(Path(pairs_dir) / "*.tar")))
-    if not shards:
-        raise FileNotFoundError(f"no *.tar pair shards in {pairs_dir}")
+    try:
+        shards = expand_urls(str(pairs_dir))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no *.tar pair shards in {pairs_dir}") from err
+    seen: set[str] = set()
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    yield json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+        for key, members in tar_samples(shard):
+            if key in seen:
+                continue
+            if "json" not in members:
+                raise ShardFormatError(f"{shard}: sample {key!r} has no json")
+            seen.add(key)
+            yield json.loads(members["json"])
 
 
 def pair_quality(pairs_dir: str | Path, annotations: str | Path, coord_format: str = "minigpt_v2",

@@ -44,9 +44,8 @@ import os
 import shutil
 import statistics
 import sys
-import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ import yaml
 from spr_lightning import quickstart
 from spr_lightning.experiments.pair_quality import pair_quality
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli
+from spr_lightning.shards import tar_samples
 
 __all__ = [
     "ARMS",
@@ -187,22 +187,6 @@ def _never_run(run: ExperimentRun) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- pairs -> SFT data
-def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample of a WebDataset tar, in order (keys end at the first dot)."""
-    current, members = None, {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-            current = key
-            members[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if current is not None:
-        yield current, members
-
 
 def pairs_to_sft_jsonl(pairs_dir: str | Path, out_dir: str | Path, task: str = "spr_chosen") -> tuple[Path, int]:
     """The chosen answer of every pair as an SFT sample, for the Tab. 8 arm (SFT on accepted data only).
@@ -230,7 +214,7 @@ def pairs_to_sft_jsonl(pairs_dir: str | Path, out_dir: str | Path, task: str = "
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines, seen = [], set()
     for shard in expand_urls(str(pairs_dir)):
-        for key, members in _tar_samples(shard):
+        for key, members in tar_samples(shard):
             if key in seen:
                 continue
             if "json" not in members:
@@ -508,9 +492,7 @@ class ShapesExperiment:
                 "base": root / "base", "sft": root / "sft"}
 
     def seed_run(self, seed: int) -> ExperimentRun:
-        links = self._shared_links(seed)
-        if self.sft_start is None:
-            links = {k: v for k, v in links.items() if k not in ("base", "sft")}
+        links = self._shared_links(seed)  # without a start, base/sft point at this seed's own folders
         overrides = {"*": {"seed_everything": seed}, "sft": {"data.init_args.seed": seed},
                      "generate": {"model.init_args.seed": seed,
                                   "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
