@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from spr_lightning.shapes.scene import COLORS, SHAPES, Background, Scene, ShapeObject
+from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, Background, Scene, ShapeObject
 from spr_lightning.shapes.vision_pretraining import (
     NUM_COLOR_CLASSES,
     NUM_SHAPE_CLASSES,
@@ -44,6 +44,10 @@ def test_dense_targets_by_hand() -> None:
     np.testing.assert_allclose(t.object_box[10], np.array([70, 70, 100, 100]) / 128)
     assert not t.object_box[t.color == 0].any()  # background patches carry no box
     assert (t.object_box.any(axis=1) == (t.color > 0)).all()
+    small = SIZES.index("small")  # the centre object's attributes sit with its box: the upper (blue) one at 0
+    assert t.center_attributes[0].tolist() == [colors.index("blue"), SHAPES.index("square"), small]
+    assert t.center_attributes[10].tolist() == [colors.index("green"), SHAPES.index("square"), small]
+    assert not t.center_attributes[t.center == 0].any()
 
 
 def test_data_module_is_deterministic_and_shaped() -> None:
@@ -51,11 +55,12 @@ def test_data_module_is_deterministic_and_shaped() -> None:
     b = ShapesDenseDataModule(num_train=3, num_val=2, image_size=32, patch_size=16, batch_size=2, scene_seed=5)
     a.setup("fit")
     b.setup("fit")
-    images, color, shape, center, box, object_box = a.train_set.tensors
+    images, color, shape, center, box, object_box, center_attributes = a.train_set.tensors
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert color.shape == shape.shape == center.shape == (3, 4) and box.shape == object_box.shape == (3, 4, 4)
     assert int(color.max()) < NUM_COLOR_CLASSES and int(shape.max()) < NUM_SHAPE_CLASSES
-    assert center.sum() > 0
+    assert center.sum() > 0 and center_attributes.shape == (3, 4, 3)
+    assert not center_attributes[center == 0].any()
     for x, y in zip(a.train_set.tensors, b.train_set.tensors):
         assert torch.equal(x, y)
     assert not torch.equal(a.train_set.tensors[0][:2], a.val_set.tensors[0])  # val scenes are other scenes
@@ -99,6 +104,28 @@ def test_object_box_term_counts_only_with_its_weight() -> None:
     assert float(loss_on["object_box_l1"]) > 0
     assert float(loss_on["loss"]) == pytest.approx(float(loss_off["loss"]) + 2.0 * float(loss_on["object_box_l1"]),
                                                    rel=1e-5)
+
+
+def test_center_attribute_term_counts_only_with_its_weight_and_is_learned() -> None:
+    pl.seed_everything(0)
+    data = ShapesDenseDataModule(num_train=16, num_val=0, image_size=32, patch_size=16, batch_size=8, scene_seed=3)
+    data.setup("fit")
+    batch = list(data.train_set.tensors)
+    off = VisionPretrainModule(image_size=32, patch_size=16, hidden_size=32, num_layers=1, seed=1)
+    on = VisionPretrainModule(image_size=32, patch_size=16, hidden_size=32, num_layers=1, seed=1, lr=3e-3,
+                              center_attribute_weight=2.0)
+    with torch.no_grad():
+        loss_off, loss_on = off._losses(batch), on._losses(batch)
+    assert float(loss_on["center_attributes"]) > 0
+    assert float(loss_on["loss"]) == pytest.approx(
+        float(loss_off["loss"]) + 2.0 * float(loss_on["center_attributes"]), rel=1e-5)
+    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(on, datamodule=data)
+    with torch.no_grad():
+        after = on._losses(batch)
+    assert float(after["center_attributes"]) < 0.7 * float(loss_on["center_attributes"])
+    assert float(after["center_size_accuracy"]) > 0.8
 
 
 def test_too_few_scenes_for_a_batch_is_a_clear_error() -> None:

@@ -14,6 +14,9 @@ predicts:
 * the colour and the shape of the object on top at the patch's centre pixel (or background);
 * whether the centre of some object's box falls in the patch, and if so that box, as fractions of the image
   (the top-most object when several centres share a patch);
+* optionally (``center_attribute_weight > 0``, off by default) that centre object's colour, shape and size, so
+  that one token per object says both *what* it is and *where* (CenterNet-style: class and box at the object's
+  centre);
 * optionally (``object_box_weight > 0``, off by default) the box of the object on top at the patch's centre pixel,
   on every patch an object covers ("object box", as FCOS-style dense detectors regress the box from every location
   inside it).
@@ -24,6 +27,14 @@ only, attention spread over an object's patches mixes in patches that carry none
 ``full`` size (2026-11-26, same world, recipe and seeds otherwise), weight 10 made the tower worse at shapes
 (validation 44% vs 60%) and the SFT start worse at REC (Acc@0.5 4.5% vs 9.2%, training loss 1.04 vs 0.84 at the
 end), so the default keeps the centre-patch box only.
+
+Why the centre attributes exist and why they are off: the colour/shape targets belong to whatever covers the
+patch's centre pixel, which for a small object is often the background or a neighbour. A linear probe of the
+``full`` tower's token at each object's box centre (600 fresh scenes, 7 473 objects) reads the object's colour 86%,
+shape 48% and size 90% of the time; with ``center_attribute_weight: 1`` 90%, 68% and 93%. But the SFT start built
+on that tower was worse (2026-11-26, ``full`` recipe otherwise unchanged: REC Acc@0.5 5.1% vs 9.2%, training loss
+0.97 vs 0.84 at the end), like the object box before it: cleaner object tokens are not what the language model
+lacks (``docs/results.md``).
 
 Colour and shape make the features say *what* is there; the box makes them say *where*, to sub-patch precision,
 which is what REC at IoU 0.9 needs. The heads are dropped on export: :meth:`VisionPretrainModule.export_model`
@@ -44,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from spr_lightning.shapes.render import render_scene
-from spr_lightning.shapes.scene import COLORS, SHAPES, Scene, SceneConfig, make_scene, owner_map
+from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, Scene, SceneConfig, make_scene, owner_map
 from spr_lightning.training import adamw_cosine
 
 __all__ = [
@@ -56,10 +67,12 @@ __all__ = [
 ]
 
 _COLOR_NAMES = tuple(COLORS)
-#: Output channels of the dense head: colours + background, shapes + background, box-centre logit, box, object box.
+#: Output channels of the dense head: colours + background, shapes + background, box-centre logit, box, object box,
+#: then the centre object's colour, shape and size (no background class: only scored where a centre is).
 NUM_COLOR_CLASSES = len(_COLOR_NAMES) + 1
 NUM_SHAPE_CLASSES = len(SHAPES) + 1
-HEAD_WIDTH = NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES + 1 + 4 + 4
+_CENTER_CLASSES = (len(_COLOR_NAMES), len(SHAPES), len(SIZES))
+HEAD_WIDTH = NUM_COLOR_CLASSES + NUM_SHAPE_CLASSES + 1 + 4 + 4 + sum(_CENTER_CLASSES)
 #: CLIP's normalisation (the LLaVA's ``CLIPImageProcessor`` uses the same constants).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +90,9 @@ class DenseTargets:
         box: ``[grid * grid, 4]`` that object's ``x1, y1, x2, y2`` as fractions of the image (0 elsewhere).
         object_box: ``[grid * grid, 4]`` the box of the top object at the patch centre, as fractions of the image
             (0 where ``color`` is background).
+        center_attributes: ``[grid * grid, 3]`` colour, shape and size (indices in :data:`COLORS`,
+            :data:`SHAPES`, :data:`SIZES`) of the object whose box centre falls in the patch, the same object
+            ``box`` holds (0 where ``center`` is 0).
     """
 
     color: np.ndarray
@@ -84,6 +100,7 @@ class DenseTargets:
     center: np.ndarray
     box: np.ndarray
     object_box: np.ndarray
+    center_attributes: np.ndarray
 
 
 def dense_targets(scene: Scene, grid: int) -> DenseTargets:
@@ -104,14 +121,16 @@ def dense_targets(scene: Scene, grid: int) -> DenseTargets:
         object_box[on_top] = (x1 / width, y1 / height, x2 / width, y2 / height)
     center = np.zeros((grid, grid), np.float32)
     box = np.zeros((grid, grid, 4), np.float32)
+    attributes = np.zeros((grid, grid, 3), np.int64)
     for obj in scene.objects:  # drawn bottom to top: a later (higher) object overwrites a shared patch
         x1, y1, x2, y2 = obj.box
         gx = min(int((x1 + x2) / 2 / width * grid), grid - 1)
         gy = min(int((y1 + y2) / 2 / height * grid), grid - 1)
         center[gy, gx] = 1.0
         box[gy, gx] = (x1 / width, y1 / height, x2 / width, y2 / height)
+        attributes[gy, gx] = (_COLOR_NAMES.index(obj.color), SHAPES.index(obj.shape), SIZES.index(obj.size))
     return DenseTargets(color.reshape(-1), shape.reshape(-1), center.reshape(-1), box.reshape(-1, 4),
-                        object_box.reshape(-1, 4))
+                        object_box.reshape(-1, 4), attributes.reshape(-1, 3))
 
 
 def render_dense_sample(seed: int, index: int, image_size: int, grid: int,
@@ -163,7 +182,7 @@ class ShapesDenseDataModule(LightningDataModule):
             return torch.from_numpy(np.stack([getattr(s[1], name) for s in samples]))
 
         return TensorDataset(images, stack("color"), stack("shape"), stack("center"), stack("box"),
-                             stack("object_box"))
+                             stack("object_box"), stack("center_attributes"))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -183,8 +202,9 @@ class VisionPretrainModule(LightningModule):
     """A ``CLIPVisionModel`` (randomly initialised) plus a linear dense head, trained on :class:`DenseTargets`.
 
     Loss: cross-entropy of colour and shape over all patches, binary cross-entropy of the box-centre flag,
-    ``box_weight`` x L1 of the box (image fractions) on the patches that hold a centre, and ``object_box_weight`` x
-    L1 of the object box on the patches an object covers.
+    ``box_weight`` x L1 of the box (image fractions) on the patches that hold a centre, ``center_attribute_weight``
+    x cross-entropy of that centre object's colour, shape and size on the same patches, and ``object_box_weight``
+    x L1 of the object box on the patches an object covers.
 
     Args:
         image_size: input side in pixels (must match the data module).
@@ -196,12 +216,14 @@ class VisionPretrainModule(LightningModule):
         warmup_ratio: share of the steps spent warming up.
         box_weight: weight of the box L1 term.
         object_box_weight: weight of the object-box L1 term (0 turns it off).
+        center_attribute_weight: weight of the centre object's colour/shape/size cross-entropies (0 turns them
+            off): the patch that holds an object's box also says what the object is, one token per object.
         seed: seeds the initial weights.
     """
 
     def __init__(self, image_size: int = 96, patch_size: int = 12, hidden_size: int = 128, num_layers: int = 3,
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05, box_weight: float = 10.0,
-                 object_box_weight: float = 0.0, seed: int = 0) -> None:
+                 object_box_weight: float = 0.0, center_attribute_weight: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         from transformers import CLIPVisionModel
 
@@ -222,13 +244,17 @@ class VisionPretrainModule(LightningModule):
         return self.head(hidden)
 
     def _losses(self, batch: list[Tensor]) -> dict[str, Tensor]:
-        images, color, shape, center, box, object_box = batch
+        images, color, shape, center, box, object_box, center_attributes = batch
         out = self(images)
         c, s = NUM_COLOR_CLASSES, NUM_SHAPE_CLASSES
         color_logits, shape_logits = out[..., :c], out[..., c : c + s]
-        center_logit, box_pred, object_box_pred = out[..., c + s], out[..., c + s + 1 : -4], out[..., -4:]
+        center_logit, box_pred = out[..., c + s], out[..., c + s + 1 : c + s + 5]
+        object_box_pred = out[..., c + s + 5 : c + s + 9]
+        attribute_logits = out[..., c + s + 9 :].split(_CENTER_CLASSES, dim=-1)
         has = center > 0
         box_l1 = (box_pred[has] - box[has]).abs().mean() if has.any() else box_pred.sum() * 0.0
+        attribute_ce = [nn.functional.cross_entropy(logits[has], center_attributes[has][:, k]) if has.any()
+                        else logits.sum() * 0.0 for k, logits in enumerate(attribute_logits)]
         objects = color > 0
         object_box_l1 = ((object_box_pred[objects] - object_box[objects]).abs().mean() if objects.any()
                          else object_box_pred.sum() * 0.0)
@@ -239,8 +265,13 @@ class VisionPretrainModule(LightningModule):
             "box_l1": box_l1,
         }
         losses["object_box_l1"] = object_box_l1
+        losses["center_attributes"] = sum(attribute_ce)
         losses["loss"] = (losses["color"] + losses["shape"] + losses["center"] + self.hparams.box_weight * box_l1
-                          + self.hparams.object_box_weight * object_box_l1)
+                          + self.hparams.object_box_weight * object_box_l1
+                          + self.hparams.center_attribute_weight * losses["center_attributes"])
+        for name, logits, k in zip(("color", "shape", "size"), attribute_logits, range(3)):
+            hits = (logits.argmax(-1) == center_attributes[..., k])[has]
+            losses[f"center_{name}_accuracy"] = hits.float().mean() if has.any() else hits.sum() * 0.0
         losses["color_accuracy"] = (color_logits.argmax(-1) == color)[objects].float().mean()
         losses["shape_accuracy"] = (shape_logits.argmax(-1) == shape)[objects].float().mean()
         losses["box_error_px"] = box_l1.detach() * images.shape[-1]
@@ -251,15 +282,18 @@ class VisionPretrainModule(LightningModule):
         losses = self._losses(batch)
         size = batch[0].shape[0]
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=size)
-        for name in ("color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px"):
+        for name in ("color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px",
+                     "center_shape_accuracy"):
             self.log(f"train/{name}", losses[name], batch_size=size)
         return losses["loss"]
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         losses = self._losses(batch)
         size = batch[0].shape[0]
-        for name in ("loss", "color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px"):
-            self.log(f"val/{name}", losses[name], prog_bar=name != "loss", batch_size=size)
+        for name in ("loss", "color_accuracy", "shape_accuracy", "box_error_px", "object_box_error_px",
+                     "center_color_accuracy", "center_shape_accuracy", "center_size_accuracy"):
+            self.log(f"val/{name}", losses[name], prog_bar=name in ("shape_accuracy", "box_error_px"),
+                     batch_size=size)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
