@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from spr_lightning.coords import get_codec
 from spr_lightning.shards import ShardFormatError, tar_samples
 
 __all__ = ["SIDES", "AnswerQuality", "answer_quality", "format_quality", "iter_pairs", "load_objects", "main",
-           "pair_quality"]
+           "pair_quality", "pair_samples"]
 
 SIDES = ("chosen_raw", "chosen", "rejected")
 
@@ -74,14 +74,10 @@ def answer_quality(text: str, objects: list[tuple[str, list[float]]], image_size
                          float(best.mean()))
 
 
-def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The JSON record of every pair in the complete shards of ``pairs_dir``, each key once, as DPO reads them."""
-    from datamodules.preference import expand_urls
-
-    try:
-        shards = expand_urls(str(pairs_dir))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no *.tar pair shards in {pairs_dir}") from err
+def pair_samples(shards: Iterable[str]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """``(shard, key, {extension: bytes})`` of every pair in ``shards`` (complete shards, e.g. from
+    :func:`datamodules.preference.expand_urls`), each key once (a re-made shard repeats keys), as DPO reads them;
+    a sample without ``json`` is a :class:`~spr_lightning.shards.ShardFormatError`."""
     seen: set[str] = set()
     for shard in shards:
         for key, members in tar_samples(shard):
@@ -90,7 +86,19 @@ def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
             if "json" not in members:
                 raise ShardFormatError(f"{shard}: sample {key!r} has no json")
             seen.add(key)
-            yield json.loads(members["json"])
+            yield shard, key, members
+
+
+def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The JSON record of every pair in the complete shards of ``pairs_dir``, each key once, as DPO reads them."""
+    from datamodules.preference import expand_urls
+
+    try:
+        shards = expand_urls(str(pairs_dir))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no *.tar pair shards in {pairs_dir}") from err
+    for _, _, members in pair_samples(shards):
+        yield json.loads(members["json"])
 
 
 def pair_quality(pairs_dir: str | Path, annotations: str | Path, coord_format: str = "minigpt_v2",

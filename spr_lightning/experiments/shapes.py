@@ -53,9 +53,8 @@ from typing import Any
 import yaml
 
 from spr_lightning import quickstart
-from spr_lightning.experiments.pair_quality import pair_quality
+from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli
-from spr_lightning.shards import tar_samples
 
 __all__ = [
     "ARMS",
@@ -212,22 +211,16 @@ def pairs_to_sft_jsonl(pairs_dir: str | Path, out_dir: str | Path, task: str = "
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines, seen = [], set()
-    for shard in expand_urls(str(pairs_dir)):
-        for key, members in tar_samples(shard):
-            if key in seen:
-                continue
-            if "json" not in members:
-                raise ShardFormatError(f"{shard}: sample {key!r} has no json")
-            record = validate_record("pairs", json.loads(members["json"]), shard=shard, key=key)
-            ext = next((e for e in _IMAGE_KEYS if e in members), None)
-            if ext is None:
-                raise ShardFormatError(f"{shard}: sample {key!r} has no image ({'/'.join(_IMAGE_KEYS)})")
-            image = f"images/{sanitize_key(key)}.{ext}"
-            (out / image).write_bytes(members[ext])
-            lines.append(json.dumps({"id": key, "image": image, "prompt": record["prompt"],
-                                     "answer": record["chosen"], "task": task, "image_id": record["image_id"]}))
-            seen.add(key)
+    lines = []
+    for shard, key, members in pair_samples(expand_urls(str(pairs_dir))):
+        record = validate_record("pairs", json.loads(members["json"]), shard=shard, key=key)
+        ext = next((e for e in _IMAGE_KEYS if e in members), None)
+        if ext is None:
+            raise ShardFormatError(f"{shard}: sample {key!r} has no image ({'/'.join(_IMAGE_KEYS)})")
+        image = f"images/{sanitize_key(key)}.{ext}"
+        (out / image).write_bytes(members[ext])
+        lines.append(json.dumps({"id": key, "image": image, "prompt": record["prompt"],
+                                 "answer": record["chosen"], "task": task, "image_id": record["image_id"]}))
     path = out / "sft_chosen.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path, len(lines)
