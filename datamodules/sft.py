@@ -41,8 +41,8 @@ def read_sft_jsonl(path: str | Path, image_root: str | Path | None = None) -> li
         image_root: folder that ``image`` paths are relative to; default: the JSONL's own folder.
 
     Returns:
-        Records with ``key`` (the line's ``id``, else ``<file>:<line>``), ``prompt``, ``answer`` and
-        ``image`` (an absolute path, or ``None`` for a text-only sample).
+        Records with ``key`` (the line's ``id``, else ``<file>:<line>``), ``prompt``, ``answer``, ``image`` (an
+        absolute path, or ``None`` for a text-only sample) and ``task`` (the line's, else ``None``).
 
     Raises:
         FileNotFoundError: the file, or an image it names, does not exist.
@@ -81,7 +81,7 @@ def _parse_line(line: str, where: str, root: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{where}: image {record['image']!r} not found (looked for {image})")
     key = str(record["id"]) if record.get("id") is not None else where
     return {"key": key, "prompt": record["prompt"], "answer": record["answer"],
-            "image": None if image is None else str(image), "where": where}
+            "image": None if image is None else str(image), "task": record.get("task"), "where": where}
 
 
 class SFTDataset(Dataset):

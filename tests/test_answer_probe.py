@@ -53,11 +53,8 @@ class CoordOracle(torch.nn.Module):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., 0] = 1.0
         following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
-        for (row, col), token in zip(torch.cartesian_prod(torch.arange(input_ids.shape[0]),
-                                                          torch.arange(input_ids.shape[1])).tolist(),
-                                     following.flatten().tolist()):
-            if token in self.coord_ids:
-                logits[row, col, token] = 2.0
+        rows, cols = torch.isin(following, torch.tensor(sorted(self.coord_ids))).nonzero(as_tuple=True)
+        logits[rows, cols, following[rows, cols]] = 2.0
         return SimpleNamespace(logits=logits)
 
 

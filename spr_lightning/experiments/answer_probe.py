@@ -49,10 +49,9 @@ def select_samples(jsonl: str | Path, tasks: Sequence[str] | None, samples: int 
     from datamodules.sft import read_sft_jsonl
 
     records = read_sft_jsonl(jsonl, image_root)
-    lines = [line for line in Path(jsonl).read_text(encoding="utf-8").splitlines() if line.strip()]
     if tasks is not None:
         wanted = set(tasks)
-        records = [r for r, line in zip(records, lines) if json.loads(line).get("task") in wanted]
+        records = [r for r in records if r["task"] in wanted]
         if not records:
             raise ValueError(f"{jsonl}: no samples with task in {sorted(wanted)}")
     random.Random(seed).shuffle(records)
