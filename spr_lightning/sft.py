@@ -97,6 +97,12 @@ def freeze_for_full_finetune(model: nn.Module, train_vision: bool = False) -> No
             module.requires_grad_(True)
 
 
+def projector_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every parameter inside a projector module (:data:`PROJECTOR_NAMES`)."""
+    return [(name, param) for name, param in model.named_parameters()
+            if any(part in PROJECTOR_NAMES for part in name.split(".")[:-1])]
+
+
 def _lora_with_modules_to_save(model: nn.Module, hp: Any) -> nn.Module:
     """:func:`~spr_lightning.models.apply_lora`'s adapter (same default targets) plus fully trained modules."""
     from peft import LoraConfig, get_peft_model
@@ -123,6 +129,9 @@ class SFTModule(LightningModule):
             distribution through LoRA alone, its final norm and LM head being frozen). Ignored without LoRA.
         full_finetune_vision: with ``lora=False``, also train the vision tower (default: frozen; the language
             model, LM head and projector are trained).
+        projector_lr_scale: the projector's learning rate as a multiple of ``lr`` (``0``: projector frozen). A
+            projector trained from scratch at the language model's rate can turn the image tokens into position
+            codes that drown what the objects look like (measured on SPR-Shapes, docs/results.md).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: linear warmup share of the cosine schedule.
@@ -142,6 +151,7 @@ class SFTModule(LightningModule):
         lora_target_modules: list[str] | str | None = None,
         lora_modules_to_save: list[str] | None = None,
         full_finetune_vision: bool = False,
+        projector_lr_scale: float = 1.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -153,6 +163,8 @@ class SFTModule(LightningModule):
         super().__init__()
         if full_finetune_vision and lora:
             raise ValueError("full_finetune_vision applies to full fine-tuning; set lora=False with it")
+        if projector_lr_scale < 0:
+            raise ValueError(f"projector_lr_scale must be >= 0, got {projector_lr_scale}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
@@ -171,6 +183,9 @@ class SFTModule(LightningModule):
                                target_modules=hp.lora_target_modules)
         else:
             freeze_for_full_finetune(model, train_vision=hp.full_finetune_vision)
+        if hp.projector_lr_scale == 0:
+            for _, param in projector_parameters(model):
+                param.requires_grad_(False)
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -210,9 +225,14 @@ class SFTModule(LightningModule):
         self.log("val/token_accuracy", stats["token_accuracy"], on_epoch=True, batch_size=weight, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return adamw_cosine(params, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_ratio,
-                            self.trainer.estimated_stepping_batches)
+        hp = self.hparams
+        projector = {id(p) for _, p in projector_parameters(self.policy)}
+        params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in projector]
+        groups = [{"params": params}]
+        scaled = [p for _, p in projector_parameters(self.policy) if p.requires_grad]
+        if scaled:
+            groups.append({"params": scaled, "lr": hp.lr * hp.projector_lr_scale})
+        return adamw_cosine(groups, hp.lr, hp.weight_decay, hp.warmup_ratio, self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With LoRA keep only trainable weights (the frozen base is reloaded); otherwise a full checkpoint."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def adamw_cosine(params: list[nn.Parameter], lr: float, weight_decay: float, warmup_ratio: float,
+def adamw_cosine(params: list[nn.Parameter] | list[dict[str, Any]], lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int) -> dict[str, Any]:
     """AdamW with linear warmup then cosine decay (the SPR authors' scripts), stepped every optimizer step."""
     from transformers import get_cosine_schedule_with_warmup

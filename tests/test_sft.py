@@ -249,3 +249,29 @@ def test_resume_from_last_checkpoint_continues_the_same_curve(tiny_models, tmp_p
     losses = [float(r["train/loss"]) for r in metric_rows(straight, "train/loss")]
     resumed_losses = [float(r["train/loss"]) for r in metric_rows(resumed, "train/loss")]
     assert len(losses) == 8 and resumed_losses == pytest.approx(losses, abs=1e-5)
+
+
+def test_projector_lr_scale_sets_the_projector_group_and_zero_freezes_it(tiny_models, tmp_path, one_thread):
+    from types import SimpleNamespace
+
+    projector = "model.multi_modal_projector."
+    scaled = SFTModule(str(tiny_models["llava"]), lora=False, lr=1e-3, projector_lr_scale=0.1)
+    scaled.__dict__["_trainer"] = SimpleNamespace(estimated_stepping_batches=10)
+    groups = scaled.configure_optimizers()["optimizer"].param_groups
+    by_param = {id(p): group["initial_lr"] for group in groups for p in group["params"]}
+    names = dict(scaled.policy.named_parameters())
+    projector_lrs = [by_param[id(p)] for n, p in names.items() if n.startswith(projector)]
+    assert projector_lrs and projector_lrs == pytest.approx([1e-4] * len(projector_lrs))
+    assert {by_param[id(p)] for n, p in names.items() if p.requires_grad and not n.startswith(projector)} == {1e-3}
+
+    frozen = SFTModule(str(tiny_models["llava"]), lora=False, projector_lr_scale=0.0)
+    before = {name: p.detach().clone() for name, p in frozen.policy.named_parameters()}
+    assert not any(p.requires_grad for n, p in frozen.policy.named_parameters() if n.startswith(projector))
+    batch = SFTCollator(frozen.processor)(samples(write_sft_world(tmp_path / "world")))
+    optimizer = torch.optim.AdamW([p for p in frozen.policy.parameters() if p.requires_grad], lr=1e-3)
+    frozen.sft_step(batch)["loss"].backward()
+    optimizer.step()
+    changed = {name for name, p in frozen.policy.named_parameters() if not torch.equal(p, before[name])}
+    assert "lm_head.weight" in changed and not any(n.startswith(projector) for n in changed)
+    with pytest.raises(ValueError, match="projector_lr_scale"):
+        SFTModule(str(tiny_models["llava"]), lora=False, projector_lr_scale=-1.0)
