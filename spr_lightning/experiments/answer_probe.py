@@ -15,8 +15,6 @@ than with chance.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ from typing import Any
 
 import torch
 
+from spr_lightning.experiments._probe_cli import probe_parser, write_result
 from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES
 
 KINDS = ("colour", "shape", "size", "coord", "other")
@@ -93,8 +92,7 @@ def format_probe(result: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(prog="python -m spr_lightning.experiments.answer_probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser("spr_lightning.experiments.answer_probe", __doc__)
     parser.add_argument("model", help="model folder (or hub id / tiny:<family>), loaded like every stage loads it")
     parser.add_argument("sft_jsonl", help="SFT samples: the world's sft_train.jsonl / sft_test.jsonl")
     parser.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the file's)")
@@ -102,15 +100,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--samples", type=int, default=200, help="random samples probed (default 200)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="which random samples")
-    parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     from spr_lightning.models import load_policy, load_processor
 
     records = select_samples(args.sft_jsonl, args.task, args.samples, args.seed, args.image_root)
     result = answer_probe(load_policy(args.model), load_processor(args.model), records, args.batch_size)
     print(f"{args.model} on {len(records)} samples of {args.sft_jsonl} (teacher-forced)\n{format_probe(result)}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 

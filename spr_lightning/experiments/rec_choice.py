@@ -18,7 +18,6 @@ split's ``annotations/instances_<split>.json`` (annotations carry ``attributes``
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from torchvision.ops import box_iou
+
+from spr_lightning.experiments._probe_cli import probe_parser, write_result
 
 __all__ = ["ATTRIBUTES", "format_choice", "load_world_objects", "main", "rec_choice"]
 
@@ -113,21 +114,18 @@ def format_choice(result: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(prog="python -m spr_lightning.experiments.rec_choice", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser("spr_lightning.experiments.rec_choice", __doc__)
     parser.add_argument("predictions", help="REC predictions JSONL written by validate (predictions-rank0.jsonl)")
     parser.add_argument("refcoco", help="the world's annotations/refcoco_shapes.json")
     parser.add_argument("instances", help="the split's annotations/instances_<split>.json")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a box to be on an object")
-    parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     refs, objects = load_world_objects(args.refcoco, args.instances)
     with open(args.predictions, encoding="utf-8") as lines:
         predictions = [json.loads(line) for line in lines if line.strip()]
     result = rec_choice(predictions, refs, objects, iou_threshold=args.iou_threshold)
     print(format_choice(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 

@@ -18,7 +18,6 @@ mapped onto the whole image).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Hashable, Sequence
@@ -28,6 +27,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+
+from spr_lightning.experiments._probe_cli import probe_parser, write_result
 
 __all__ = ["LABELS", "centre_tokens", "main", "token_variance", "variance_explained"]
 
@@ -129,13 +130,11 @@ def token_variance(model: Any, processor: Any, instances: str | Path, image_root
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from spr_lightning.models import load_policy, load_processor
 
-    parser = argparse.ArgumentParser(prog="python -m spr_lightning.experiments.token_variance", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser("spr_lightning.experiments.token_variance", __doc__)
     parser.add_argument("model", help="a LLaVA-architecture model folder (save_pretrained)")
     parser.add_argument("instances", help="the split's annotations/instances_<split>.json (SPR-Shapes)")
     parser.add_argument("image_root", help="folder the instances' file_name paths are relative to")
     parser.add_argument("--images", type=int, default=150, help="first N images of the split")
-    parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     model = load_policy(args.model).eval()
     result = token_variance(model, load_processor(args.model), args.instances, args.image_root, images=args.images)
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for stage in ("tower", "projector"):
         shares = "  ".join(f"{name} {100 * share:5.1f}%" for name, share in result[stage].items())
         print(f"  {stage:9} (mean norm {result['norm'][stage]:6.2f}): {shares}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result)
     return result
 
 
