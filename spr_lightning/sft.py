@@ -226,10 +226,9 @@ class SFTModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        projector = {id(p) for _, p in projector_parameters(self.policy)}
-        params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in projector]
-        groups = [{"params": params}]
         scaled = [p for _, p in projector_parameters(self.policy) if p.requires_grad]
+        in_projector = {id(p) for p in scaled}
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad and id(p) not in in_projector]}]
         if scaled:
             groups.append({"params": scaled, "lr": hp.lr * hp.projector_lr_scale})
         return adamw_cosine(groups, hp.lr, hp.weight_decay, hp.warmup_ratio, self.trainer.estimated_stepping_batches)

@@ -6,8 +6,8 @@ object has a size, colour and shape, so a miss can be read: when the predicted b
 expression's words to the image picks objects that agree with them far more often than an object drawn at random
 from the same image does (``chance``: the share of the image's objects with the referred object's value, averaged
 over the same predictions). A model that has learned only where objects are, or only their size, sits at chance for
-the rest: the SPR-Shapes start of docs/results.md picks the right size 81% of the time (chance 55%) and the right
-colour 23% (chance 20%).
+the rest: the SPR-Shapes start of docs/results.md picks the right size 79% of the time (chance 55%) and the right
+colour 24% (chance 20%).
 
     python -m spr_lightning.experiments.rec_choice PREDICTIONS_JSONL REFCOCO_JSON INSTANCES_JSON [--out F]
 
@@ -73,23 +73,20 @@ def rec_choice(predictions: Iterable[dict[str, Any]], refs: dict[str, dict[str, 
         target = next((o for o in scene if o["id"] == ref["ann_id"]), None)
         if target is None:
             raise KeyError(f"prediction {prediction['key']!r}: object {ref['ann_id']} not in the instances file")
-        for name in (kind, "all"):
-            count = counts.setdefault(name, Counter())
-            count["n"] += 1
-            box = prediction.get("pred_box")
-            if box is None:
-                continue
+        pick: Counter = Counter({"n": 1})
+        box = prediction.get("pred_box")
+        if box is not None:
             ious = box_iou(torch.tensor([box], dtype=torch.float64),
                            torch.tensor([o["box"] for o in scene], dtype=torch.float64))[0]
-            if float(ious.max()) < iou_threshold:
-                continue
-            picked = scene[int(ious.argmax())]
-            count["on_object"] += 1
-            count["right"] += picked is target
-            for attribute in ATTRIBUTES:
-                value = target["attributes"][attribute]
-                count[attribute] += picked["attributes"][attribute] == value
-                count[f"{attribute}_chance"] += sum(o["attributes"][attribute] == value for o in scene) / len(scene)
+            if float(ious.max()) >= iou_threshold:
+                picked = scene[int(ious.argmax())]
+                pick.update(on_object=1, right=int(picked is target))
+                for attribute in ATTRIBUTES:
+                    value = target["attributes"][attribute]
+                    pick[attribute] += int(picked["attributes"][attribute] == value)
+                    pick[f"{attribute}_chance"] += sum(o["attributes"][attribute] == value for o in scene) / len(scene)
+        for name in (kind, "all"):
+            counts.setdefault(name, Counter()).update(pick)
     result = {}
     for kind, count in counts.items():
         on = max(count["on_object"], 1)
