@@ -8,7 +8,7 @@ lands nearest the referred object (``right``; ``chance_right`` is one over the o
 model cannot learn the lookup even when the words are literally in its input, no projector will make it do so from
 image tokens. Run by hand, not part of the package:
 
-    python docs/results/probes/text_recall.py BASE_MODEL INSTANCES_JSON --out F [--layers 2] [--steps 4000]
+    python docs/results/probes/text_recall.py BASE_MODEL INSTANCES_JSON --out F [--steps 4000] [--objects K]
 """
 
 from __future__ import annotations
@@ -38,10 +38,17 @@ def load_objects(instances: str) -> dict[int, list[tuple[str, list[float]]]]:
     return objects
 
 
-def make_sample(objects: list[tuple[str, list[float]]], rng: random.Random) -> tuple[str, str, int, list]:
-    ordered = sorted(objects, key=lambda o: (o[1][1] + o[1][3], o[1][0] + o[1][2]))
+def make_sample(
+    objects: list[tuple[str, list[float]]], rng: random.Random, most: int = 0
+) -> tuple[str, str, int, list]:
+    """One listing + question; ``most > 0`` lists only that many of the image's objects (drawn at random)."""
+    chosen = rng.sample(objects, most) if 0 < most < len(objects) else objects
+    ordered = sorted(chosen, key=lambda o: (o[1][1] + o[1][3], o[1][0] + o[1][2]))
     counts = collections.Counter(words for words, _ in ordered)
-    target = rng.choice([i for i, (words, _) in enumerate(ordered) if counts[words] == 1])
+    unique = [i for i, (words, _) in enumerate(ordered) if counts[words] == 1]
+    if not unique:  # every listed object has a twin: draw again
+        return make_sample(objects, rng, most)
+    target = rng.choice(unique)
     listing = " ; ".join(f"{words} {''.join(bin_token(v) for v in box)}" for words, box in ordered)
     prompt = f"{listing} . where is the {ordered[target][0]} ?"
     return prompt, "".join(bin_token(v) for v in ordered[target][1]), target, ordered
@@ -55,6 +62,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--objects", type=int, default=0, help="list at most this many objects (0: all)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -85,7 +93,7 @@ def main() -> None:
         stats: collections.Counter = collections.Counter()
         rng = random.Random(1)
         for start in range(0, len(test_ids), 50):
-            batch = [make_sample(objects[i], rng) for i in test_ids[start : start + 50]]
+            batch = [make_sample(objects[i], rng, args.objects) for i in test_ids[start : start + 50]]
             inputs, labels, mask = encode(batch)
             logits = model(input_ids=inputs, attention_mask=mask).logits
             for row, (_, _, target, ordered) in enumerate(batch):
@@ -106,7 +114,8 @@ def main() -> None:
         optimizer, lambda s: min(1, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     rng, started, log = random.Random(0), time.time(), []
     for step in range(1, args.steps + 1):
-        inputs, labels, mask = encode([make_sample(objects[rng.choice(train_ids)], rng) for _ in range(args.batch)])
+        inputs, labels, mask = encode([make_sample(objects[rng.choice(train_ids)], rng, args.objects)
+                                      for _ in range(args.batch)])
         loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
