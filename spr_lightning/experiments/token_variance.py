@@ -30,7 +30,7 @@ from torch import Tensor
 
 from spr_lightning.experiments._probe_cli import probe_parser, write_result
 
-__all__ = ["LABELS", "centre_tokens", "main", "token_variance", "variance_explained"]
+__all__ = ["LABELS", "centre_tokens", "main", "read_objects", "token_variance", "variance_explained"]
 
 LABELS = ("size", "color", "shape", "cell")
 
@@ -99,9 +99,10 @@ def centre_tokens(model: Any, processor: Any, images: Sequence[Image.Image], box
     return torch.stack(towers), torch.stack(projected), cells
 
 
-def token_variance(model: Any, processor: Any, instances: str | Path, image_root: str | Path,
-                   images: int = 150) -> dict[str, Any]:
-    """``{"objects": N, "tower": {label: share}, "projector": {label: share}, "norm": {...}}`` on the first images."""
+def read_objects(instances: str | Path, image_root: str | Path,
+                 images: int) -> tuple[list[Image.Image], list[list[list[float]]], list[dict[str, str]]]:
+    """The first ``images`` pictures of an SPR-Shapes split, their objects' xyxy boxes, and every object's
+    ``attributes`` (``size``/``color``/``shape``) in the same order as the boxes, flattened over the images."""
     data = json.loads(Path(instances).read_text(encoding="utf-8"))
     chosen = data["images"][:images]
     by_image: dict[int, list[dict[str, Any]]] = {entry["id"]: [] for entry in chosen}
@@ -110,17 +111,23 @@ def token_variance(model: Any, processor: Any, instances: str | Path, image_root
             if "attributes" not in ann:
                 raise ValueError(f"{instances}: annotation {ann.get('id')} has no 'attributes' (not SPR-Shapes?)")
             by_image[ann["image_id"]].append(ann)
-    pictures, boxes, labels = [], [], {name: [] for name in LABELS[:-1]}
+    pictures, boxes, attributes = [], [], []
     for entry in chosen:
         with Image.open(Path(image_root) / entry["file_name"]) as image:
             pictures.append(image.convert("RGB"))
         anns = by_image[entry["id"]]
         boxes.append([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                       for a in anns])
-        for name in labels:
-            labels[name].extend(a["attributes"][name] for a in anns)
+        attributes.extend(a["attributes"] for a in anns)
+    return pictures, boxes, attributes
+
+
+def token_variance(model: Any, processor: Any, instances: str | Path, image_root: str | Path,
+                   images: int = 150) -> dict[str, Any]:
+    """``{"objects": N, "tower": {label: share}, "projector": {label: share}, "norm": {...}}`` on the first images."""
+    pictures, boxes, attributes = read_objects(instances, image_root, images)
     tower, projected, cells = centre_tokens(model, processor, pictures, boxes)
-    labels["cell"] = cells
+    labels = {name: [a[name] for a in attributes] for name in LABELS[:-1]} | {"cell": cells}
     return {"objects": len(cells),
             "tower": {name: variance_explained(tower, labels[name]) for name in LABELS},
             "projector": {name: variance_explained(projected, labels[name]) for name in LABELS},

@@ -17,9 +17,8 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from spr_lightning.experiments.token_variance import centre_tokens, variance_explained
+from spr_lightning.experiments.token_variance import centre_tokens, read_objects, variance_explained
 from spr_lightning.models import load_policy, load_processor
 
 ATTRIBUTES = ("color", "shape", "size")
@@ -56,20 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, processor = load_policy(args.model).eval(), load_processor(args.model)
-    data = json.loads(Path(args.instances).read_text(encoding="utf-8"))
-    chosen = data["images"][: args.images]
-    by_image: dict[int, list[dict]] = {entry["id"]: [] for entry in chosen}
-    for ann in data["annotations"]:
-        if ann["image_id"] in by_image:
-            by_image[ann["image_id"]].append(ann)
-    pictures, boxes, attributes = [], [], []
-    for entry in chosen:
-        with Image.open(Path(args.image_root) / entry["file_name"]) as image:
-            pictures.append(image.convert("RGB"))
-        anns = by_image[entry["id"]]
-        boxes.append([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                      for a in anns])
-        attributes += [a["attributes"] for a in anns]
+    pictures, boxes, attributes = read_objects(args.instances, args.image_root, args.images)
     tower, projected, cells = centre_tokens(model, processor, pictures, boxes)
     probes, report = ridge_probes(tower, attributes)
     projector = model.model.multi_modal_projector
