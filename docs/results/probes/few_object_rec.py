@@ -22,26 +22,34 @@ from pathlib import Path
 
 import yaml
 
-from spr_lightning.quickstart import COORD_FORMAT
+from spr_lightning.quickstart import COORD_FORMAT, set_in
 from spr_lightning.shapes import SceneConfig, write_world
 
 
 def write_configs(run: Path, out: Path, batch_size: int, steps: int, lr: float, seed: int, samples: int) -> None:
-    """``sft.yaml`` and ``eval_rec.yaml`` in ``out``, from the quickstart run's own resolved configs."""
-    sft = yaml.safe_load((run / "configs" / "sft.yaml").read_text(encoding="utf-8"))
-    sft["trainer"].update(max_steps=steps, default_root_dir=str(out / "sft"))
-    sft["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "sft")
-    sft["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(out / "sft" / "model")
-    sft["model"]["init_args"].update(model_name_or_path=str(run / "base" / "model"), lr=lr)
-    sft["data"]["init_args"].update(train_file=str(out / "rec_train.jsonl"), image_root=str(out / "scenes_train"),
-                                    batch_size=batch_size, seed=seed)
-    evaluation = yaml.safe_load((run / "configs" / "eval_rec_sft.yaml").read_text(encoding="utf-8"))
-    evaluation["trainer"]["default_root_dir"] = str(out / "eval")
-    evaluation["model"]["init_args"]["model_name_or_path"] = str(out / "sft" / "model" / "final")
-    evaluation["data"]["init_args"].update(
-        annotations=str(out / "scenes_test" / "annotations" / "refcoco_shapes.json"),
-        image_root=str(out / "scenes_test" / "images"), max_samples=samples)
-    for name, config in (("sft.yaml", sft), ("eval_rec.yaml", evaluation)):
+    """``sft.yaml`` and ``eval_rec.yaml`` in ``out``: the quickstart run's own resolved configs, overridden."""
+    overrides = {
+        "sft.yaml": {
+            "trainer.max_steps": steps, "trainer.default_root_dir": str(out / "sft"),
+            "trainer.logger.init_args.save_dir": str(out / "sft"),
+            "trainer.callbacks[0].init_args.dirpath": str(out / "sft" / "model"),
+            "model.init_args.model_name_or_path": str(run / "base" / "model"), "model.init_args.lr": lr,
+            "data.init_args.train_file": str(out / "rec_train.jsonl"),
+            "data.init_args.image_root": str(out / "scenes_train"),
+            "data.init_args.batch_size": batch_size, "data.init_args.seed": seed,
+        },
+        "eval_rec.yaml": {
+            "trainer.default_root_dir": str(out / "eval"),
+            "model.init_args.model_name_or_path": str(out / "sft" / "model" / "final"),
+            "data.init_args.annotations": str(out / "scenes_test" / "annotations" / "refcoco_shapes.json"),
+            "data.init_args.image_root": str(out / "scenes_test" / "images"), "data.init_args.max_samples": samples,
+        },
+    }  # fmt: skip
+    sources = {"sft.yaml": "sft.yaml", "eval_rec.yaml": "eval_rec_sft.yaml"}
+    for name, changes in overrides.items():
+        config = yaml.safe_load((run / "configs" / sources[name]).read_text(encoding="utf-8"))
+        for key, value in changes.items():
+            set_in(config, key, value)
         (out / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 

@@ -30,8 +30,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 
-def bin_token(value: float, size: int = 224) -> str:
-    return f"<{min(100, max(0, int(value / size * 100)))}>"
+def bin_index(value: float, size: int = 224) -> int:
+    """The MiniGPT-v2 location bin (0..100) of a pixel coordinate."""
+    return min(100, max(0, int(value / size * 100)))
 
 
 def load_objects(instances: str) -> dict[int, list[tuple[str, list[float]]]]:
@@ -44,20 +45,16 @@ def load_objects(instances: str) -> dict[int, list[tuple[str, list[float]]]]:
     return objects
 
 
-def make_sample(
-    objects: list[tuple[str, list[float]]], rng: random.Random, most: int = 0
-) -> tuple[str, str, int, list]:
-    """One listing + question; ``most > 0`` lists only that many of the image's objects (drawn at random)."""
+def make_sample(objects: list[tuple[str, list[float]]], rng: random.Random, most: int = 0) -> tuple[int, list]:
+    """The listed objects in reading order and the index of the one asked about (its words unique among them);
+    ``most > 0`` lists only that many of the image's objects (drawn at random)."""
     chosen = rng.sample(objects, most) if 0 < most < len(objects) else objects
     ordered = sorted(chosen, key=lambda o: (o[1][1] + o[1][3], o[1][0] + o[1][2]))
     counts = collections.Counter(words for words, _ in ordered)
     unique = [i for i, (words, _) in enumerate(ordered) if counts[words] == 1]
     if not unique:  # every listed object has a twin: draw again
         return make_sample(objects, rng, most)
-    target = rng.choice(unique)
-    listing = " ; ".join(f"{words} {''.join(bin_token(v) for v in box)}" for words, box in ordered)
-    prompt = f"{listing} . where is the {ordered[target][0]} ?"
-    return prompt, "".join(bin_token(v) for v in ordered[target][1]), target, ordered
+    return rng.choice(unique), ordered
 
 
 def main() -> None:
@@ -90,7 +87,8 @@ def main() -> None:
     objects = load_objects(args.instances)
     ids = sorted(objects)
     test_ids, train_ids = ids[-300:], ids[:-300]
-    coordinate = {tokenizer.convert_tokens_to_ids(f"<{i}>"): i for i in range(101)}
+    location_ids = [tokenizer.convert_tokens_to_ids(f"<{i}>") for i in range(101)]
+    coordinate = {token: i for i, token in enumerate(location_ids)}
     pieces: dict[str, list[int]] = {}
 
     def piece(text: str) -> list[int]:
@@ -99,12 +97,12 @@ def main() -> None:
         return pieces[text]
 
     def box_ids(box: list[float]) -> list[int]:
-        return [tokenizer.convert_tokens_to_ids(bin_token(v)) for v in box]
+        return [location_ids[bin_index(v)] for v in box]
 
     def encode(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input ids, attention mask, the positions whose logits predict the answer, and the answer ids."""
         seqs, answers = [], []
-        for _, _, target, ordered in batch:
+        for target, ordered in batch:
             ids_: list[int] = []
             for i, (words, box) in enumerate(ordered):
                 ids_ += (piece(" ; ") if i else []) + piece(words + " ") + box_ids(box)
@@ -131,9 +129,9 @@ def main() -> None:
         for start in range(0, len(test_ids), 50):
             batch = [make_sample(objects[i], rng, most) for i in test_ids[start : start + 50]]
             logits = answer_logits(*encode(batch)[:3])
-            for row, (_, _, target, ordered) in enumerate(batch):
+            for row, (target, ordered) in enumerate(batch):
                 x1, y1 = (coordinate.get(int(t), -99) for t in logits[row, :2].argmax(-1))
-                bins = [[int(bin_token(v)[1:-1]) for v in box] for _, box in ordered]
+                bins = [[bin_index(v) for v in box] for _, box in ordered]
                 nearest = min(range(len(ordered)), key=lambda i: abs(bins[i][0] - x1) + abs(bins[i][1] - y1))
                 stats["right"] += nearest == target
                 stats["colour"] += ordered[nearest][0].split()[1] == ordered[target][0].split()[1]
