@@ -48,6 +48,8 @@ SFT_TASKS = ("rec", "phrase", "region")
 #: How every quickstart answer writes boxes (the world's SFT data, generation, scoring and evaluation agree).
 COORD_FORMAT = "minigpt_v2"
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
+#: ``--accelerator`` choices (Lightning's names); every stage runs on one device.
+ACCELERATORS = ("cpu", "gpu", "auto")
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,16 @@ def run_cli(subcommand: str, config: Path) -> Any:
 
 
 class Run:
-    """The run folder: stage folders, ``DONE`` markers, and the resolved configs."""
+    """The run folder: stage folders, ``DONE`` markers, and the resolved configs.
 
-    def __init__(self, root: Path, size_name: str) -> None:
+    ``accelerator`` goes into every stage's ``trainer.accelerator`` (Lightning's names: ``cpu``, ``gpu``, ``auto``).
+    """
+
+    def __init__(self, root: Path, size_name: str, accelerator: str = "cpu") -> None:
         self.root = root
         self.size_name = size_name
         self.size = SIZES[size_name]
+        self.accelerator = accelerator
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -165,6 +171,7 @@ class Run:
         marker.write_text(json.dumps({"size": self.size_name, **info}, indent=2), encoding="utf-8")
 
     def config(self, stage: str, template: str, overrides: dict[str, Any]) -> Path:
+        overrides = {"trainer.accelerator": self.accelerator, **overrides}
         return write_config(template, self.path("configs", f"{stage}.yaml"), overrides)
 
 
@@ -411,14 +418,17 @@ def report(run: Run, elapsed: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None) -> str:
-    """Run (or resume) every stage into ``out``; returns the printed report."""
+def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
+                   accelerator: str = "cpu") -> str:
+    """Run (or resume) every stage into ``out`` on ``accelerator``; returns the printed report."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = Run(Path(out).resolve(), size)
+    run = Run(Path(out).resolve(), size, accelerator)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
         if redo is not None and k >= STAGES.index(redo):
@@ -446,8 +456,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="small", choices=list(SIZES), metavar="{small,full}",
                         help="small (default): under 10 min on 2 CPU cores; full: longer, better models")
     parser.add_argument("--redo", choices=STAGES, help="rerun this stage and every later one")
+    parser.add_argument("--accelerator", default="cpu", choices=ACCELERATORS,
+                        help="Lightning accelerator of every stage (default cpu: the README's timings and numbers "
+                        "are CPU runs; gpu or auto for a CUDA device, one device)")
     args = parser.parse_args(argv)
-    run_quickstart(args.out, args.size, args.redo)
+    run_quickstart(args.out, args.size, args.redo, args.accelerator)
 
 
 if __name__ == "__main__":

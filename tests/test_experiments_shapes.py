@@ -146,6 +146,16 @@ def test_experiment_run_links_folders_and_adds_overrides(tmp_path):
     assert config["seed_everything"] == 3 and config["data"]["init_args"]["seed"] == 3  # the arm's values win
     assert config["trainer"]["max_steps"] == 2
     assert (tmp_path / "seed_3" / "arms" / "spr" / "configs" / "dpo.yaml").is_file()
+    assert config["trainer"]["accelerator"] == "cpu"
+
+
+def test_experiment_passes_the_accelerator_to_every_run(tmp_path):
+    experiment = shapes.ShapesExperiment(tmp_path, "toy", [0, 1], ["sft", "spr"], accelerator="gpu")
+    for run in (experiment.shared, experiment.seed_run(1), experiment.arm_run(1, "spr")):
+        config = yaml.safe_load(run.config("dpo", "dpo.yaml", {}).read_text())
+        assert config["trainer"]["accelerator"] == "gpu", run.root
+    with pytest.raises(ValueError, match="accelerator must be one of"):
+        shapes.run_experiment(tmp_path / "x", "toy", accelerator="tpu")
 
 
 def test_score_stage_without_pairs_is_recorded_and_other_errors_raise(tmp_path, monkeypatch):

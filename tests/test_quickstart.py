@@ -139,6 +139,18 @@ def test_write_config_applies_dotted_overrides(tmp_path):
     assert config["model"]["class_path"] == "spr_lightning.dpo.DPOModule"
 
 
+def test_accelerator_reaches_every_stage_config_and_a_bad_one_is_refused(tmp_path):
+    run = quickstart.Run(tmp_path, "toy", accelerator="gpu")
+    config = yaml.safe_load(run.config("sft", "sft.yaml", {"trainer.max_steps": 2}).read_text())
+    assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["max_steps"] == 2
+    default = quickstart.Run(tmp_path / "cpu", "toy").config("dpo", "dpo.yaml", {})
+    assert yaml.safe_load(default.read_text())["trainer"]["accelerator"] == "cpu"
+    with pytest.raises(ValueError, match="accelerator must be one of"):
+        quickstart.run_quickstart(tmp_path / "x", "toy", accelerator="tpu")
+    with pytest.raises(SystemExit):
+        quickstart.main(["--out", str(tmp_path / "y"), "--accelerator", "tpu"])
+
+
 def test_every_quickstart_config_parses():
     from spr_lightning.cli import cli_main
 
@@ -203,3 +215,16 @@ def test_quickstart_toy_end_to_end(tmp_path, capsys):
     quickstart.main(["--out", str(out), "--size", "toy"])
     assert before == {s: (out / s / "DONE").stat().st_mtime_ns for s in quickstart.STAGES}
     assert capsys.readouterr().out.count("done already") == len(quickstart.STAGES)
+
+
+@pytest.mark.gpu
+def test_quickstart_toy_end_to_end_on_gpu(tmp_path):
+    """The same loop with every stage on the CUDA device (``--accelerator gpu``)."""
+    out = tmp_path / "qs"
+    quickstart.main(["--out", str(out), "--size", "toy", "--accelerator", "gpu"])
+    for stage in quickstart.STAGES:
+        assert (out / stage / "DONE").is_file(), stage
+    config = yaml.safe_load((out / "configs" / "sft.yaml").read_text())
+    assert config["trainer"]["accelerator"] == "gpu"
+    metrics = json.loads((out / "eval" / "rec_spr" / "metrics.json").read_text())
+    assert 0.0 <= metrics["acc@0.5"] <= 1.0

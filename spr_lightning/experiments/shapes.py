@@ -133,6 +133,7 @@ class ExperimentRun(Run):
         links: first path part -> folder it stands for.
         overrides: stage name (or ``"*"``) -> dotted config overrides applied after the stage's own.
         size: replaces ``SIZES[size_name]`` (e.g. with fewer evaluated samples).
+        accelerator: Lightning accelerator of every stage.
     """
 
     def __init__(
@@ -142,8 +143,9 @@ class ExperimentRun(Run):
         links: Mapping[str, Path] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         size: quickstart.QuickstartSize | None = None,
+        accelerator: str = "cpu",
     ) -> None:
-        super().__init__(root, size_name)
+        super().__init__(root, size_name, accelerator)
         if size is not None:
             self.size = size
         self.links = dict(links or {})
@@ -462,8 +464,10 @@ class ShapesExperiment:
 
     def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
                  rec_samples: int | None = None, phrase_samples: int | None = None,
-                 sft_start: Path | None = None, dpo_lr: float | None = None, dpo_epochs: int | None = None) -> None:
+                 sft_start: Path | None = None, dpo_lr: float | None = None, dpo_epochs: int | None = None,
+                 accelerator: str = "cpu") -> None:
         self.out = out
+        self.accelerator = accelerator
         self.sft_start = sft_start
         self.dpo_lr = dpo_lr
         self.size_name = size_name
@@ -474,7 +478,7 @@ class ShapesExperiment:
         self.seeds = list(seeds)
         self.arms = list(arms)
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
-        self.shared = ExperimentRun(out, size_name, size=self.size)
+        self.shared = ExperimentRun(out, size_name, size=self.size, accelerator=accelerator)
 
     def _shared_links(self, seed: int) -> dict[str, Path]:
         """Where the shared stages (and, with ``sft_start``, the SFT start) of ``seed`` live."""
@@ -490,7 +494,7 @@ class ShapesExperiment:
                      "generate": {"model.init_args.seed": seed,
                                   "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
                                   + seed}}  # fmt: skip
-        return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, overrides, self.size)
+        return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, overrides, self.size, self.accelerator)
 
     def arm_run(self, seed: int, arm: str) -> ExperimentRun:
         if self.sft_start is not None and ARMS[arm].training == "none":
@@ -501,7 +505,7 @@ class ShapesExperiment:
         lr = {} if self.dpo_lr is None else {"model.init_args.lr": self.dpo_lr}  # DPO and its Tab. 8 twin alike
         overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed, **lr},
                      "chosen_sft": {"data.init_args.seed": seed, **lr}}
-        return ExperimentRun(root / "arms" / arm, self.size_name, links, overrides, self.size)
+        return ExperimentRun(root / "arms" / arm, self.size_name, links, overrides, self.size, self.accelerator)
 
     def stage(self, run: ExperimentRun, stage: str, fn: Callable[[ExperimentRun], dict[str, Any]],
               scope: str) -> dict[str, Any]:
@@ -596,7 +600,8 @@ class ShapesExperiment:
         shared = self.shared
         if self.sft_start is not None:
             check_sft_start(self.sft_start)
-            shared = ExperimentRun(self.out, self.size_name, self._shared_links(self.seeds[0]), size=self.size)
+            shared = ExperimentRun(self.out, self.size_name, self._shared_links(self.seeds[0]), size=self.size,
+                                   accelerator=self.accelerator)
         for stage, fn in (("world", quickstart.stage_world), ("vision", quickstart.stage_vision),
                           ("clip", quickstart.stage_clip)):
             self.stage(shared, stage, fn if self.sft_start is None else _never_run, "shared")
@@ -728,6 +733,7 @@ def run_experiment(
     sft_start: str | Path | None = None,
     dpo_lr: float | None = None,
     dpo_epochs: int | None = None,
+    accelerator: str = "cpu",
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
 
@@ -745,9 +751,12 @@ def run_experiment(
             the SPR stages' noise on one start, not the SFT start's.
         dpo_lr: learning rate of DPO and of the ``sft_chosen`` arm (default: ``configs/quickstart/dpo.yaml``'s).
         dpo_epochs: epochs of DPO and of the ``sft_chosen`` arm (default: the size's).
+        accelerator: Lightning accelerator of every stage (``cpu``, ``gpu``, ``auto``; one device).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if accelerator not in quickstart.ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {quickstart.ACCELERATORS}, got {accelerator!r}")
     unknown = sorted(set(arms or ()) - set(ARMS))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms: {list(ARMS)}")
@@ -760,14 +769,15 @@ def run_experiment(
     if (dpo_lr is not None and dpo_lr <= 0) or (dpo_epochs is not None and dpo_epochs < 1):
         raise ValueError(f"dpo_lr must be > 0 and dpo_epochs >= 1, got {dpo_lr}, {dpo_epochs}")
     experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples,
-                                  start, dpo_lr, dpo_epochs)
+                                  start, dpo_lr, dpo_epochs, accelerator)
     results = experiment.run()
     if command is None:
         command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
                    f"--seeds {' '.join(map(str, seeds))} --arms {' '.join(experiment.arms)}"
                    + (f" --sft-start {sft_start}" if sft_start is not None else "")
                    + (f" --dpo-lr {dpo_lr}" if dpo_lr is not None else "")
-                   + (f" --dpo-epochs {dpo_epochs}" if dpo_epochs is not None else ""))
+                   + (f" --dpo-epochs {dpo_epochs}" if dpo_epochs is not None else "")
+                   + (f" --accelerator {accelerator}" if accelerator != "cpu" else ""))
     text = write_report(results, root, command)
     print("\n" + text, flush=True)
     return results
@@ -788,10 +798,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dpo-lr", type=float, help="learning rate of DPO and of the sft_chosen arm "
                         "(default: configs/quickstart/dpo.yaml's)")
     parser.add_argument("--dpo-epochs", type=int, help="epochs of DPO and of the sft_chosen arm (default: the size's)")
+    parser.add_argument("--accelerator", default="cpu", choices=quickstart.ACCELERATORS,
+                        help="Lightning accelerator of every stage (default cpu; gpu or auto for one CUDA device)")
     args = parser.parse_args(argv)
     command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
     return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command,
-                          args.sft_start, args.dpo_lr, args.dpo_epochs)
+                          args.sft_start, args.dpo_lr, args.dpo_epochs, args.accelerator)
 
 
 if __name__ == "__main__":
