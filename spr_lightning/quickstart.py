@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ COORD_FORMAT = "minigpt_v2"
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 #: ``--accelerator`` choices (Lightning's names); every stage runs on one device.
 ACCELERATORS = ("cpu", "gpu", "auto")
+#: The configs a quickstart run writes (``<out>/configs/<name>.yaml``): what ``--set NAME:key=value`` may change.
+CONFIG_NAMES = ("vision", "clip", "sft", "generate", "score", "dpo", "eval_rec_sft", "eval_phrase_sft",
+                "eval_rec_spr", "eval_phrase_spr")
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,17 @@ class Run:
     """The run folder: stage folders, ``DONE`` markers, and the resolved configs.
 
     ``accelerator`` goes into every stage's ``trainer.accelerator`` (Lightning's names: ``cpu``, ``gpu``, ``auto``).
+    ``overrides`` maps a config name (``"*"``: every config) to dotted config values applied after the stage's own
+    (:func:`parse_overrides` reads them from ``--set``).
     """
 
-    def __init__(self, root: Path, size_name: str, accelerator: str = "cpu") -> None:
+    def __init__(self, root: Path, size_name: str, accelerator: str = "cpu",
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.root = root
         self.size_name = size_name
         self.size = SIZES[size_name]
         self.accelerator = accelerator
+        self.overrides = {name: dict(values) for name, values in (overrides or {}).items()}
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -171,8 +178,37 @@ class Run:
         marker.write_text(json.dumps({"size": self.size_name, **info}, indent=2), encoding="utf-8")
 
     def config(self, stage: str, template: str, overrides: dict[str, Any]) -> Path:
-        overrides = {"trainer.accelerator": self.accelerator, **overrides}
-        return write_config(template, self.path("configs", f"{stage}.yaml"), overrides)
+        merged = {"trainer.accelerator": self.accelerator, **overrides, **self.overrides.get("*", {}),
+                  **self.overrides.get(stage, {})}
+        return write_config(template, self.path("configs", f"{stage}.yaml"), merged)
+
+
+def parse_overrides(items: Sequence[str], names: Sequence[str] = CONFIG_NAMES) -> dict[str, dict[str, Any]]:
+    """``["sft:model.init_args.lr=5e-4", "*:trainer.precision=bf16-mixed"]`` -> ``{config name: {key: value}}``.
+
+    Values are read as YAML (``true`` a bool, ``[a, b]`` a list), and a number YAML 1.1 leaves a string (``5e-4``,
+    no dot) as a float, the way LightningCLI reads a float argument.
+    """
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, colon, rest = item.partition(":")
+        key, equals, value = rest.partition("=")
+        if not colon or not equals or not key:
+            raise ValueError(f"--set {item!r}: expected CONFIG:dotted.key=value, e.g. sft:model.init_args.lr=5e-4")
+        if name != "*" and name not in names:
+            raise ValueError(f"--set {item!r}: no config named {name!r}; configs: {', '.join(names)} (or * for all)")
+        parsed.setdefault(name, {})[key] = _yaml_value(value)
+    return parsed
+
+
+def _yaml_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -419,8 +455,9 @@ def report(run: Run, elapsed: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
-                   accelerator: str = "cpu") -> str:
-    """Run (or resume) every stage into ``out`` on ``accelerator``; returns the printed report."""
+                   accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
+    the configs of the stages it runs; returns the printed report."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if redo is not None and redo not in STAGES:
@@ -428,7 +465,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = Run(Path(out).resolve(), size, accelerator)
+    run = Run(Path(out).resolve(), size, accelerator, overrides)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
         if redo is not None and k >= STAGES.index(redo):
@@ -459,8 +496,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="cpu", choices=ACCELERATORS,
                         help="Lightning accelerator of every stage (default cpu: the README's timings and numbers "
                         "are CPU runs; gpu or auto for a CUDA device, one device)")
+    parser.add_argument("--set", action="append", default=[], metavar="CONFIG:KEY=VALUE",
+                        help="change one value of a stage's config, e.g. sft:model.init_args.lr=5e-4 or "
+                        "sft:trainer.max_steps=32000 (repeatable; * for every config). Applies to stages that run: "
+                        "a stage already DONE is reused as it is (--redo STAGE reruns it)")
     args = parser.parse_args(argv)
-    run_quickstart(args.out, args.size, args.redo, args.accelerator)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,21 @@ def test_experiment_passes_the_accelerator_to_every_run(tmp_path):
         shapes.run_experiment(tmp_path / "x", "toy", accelerator="tpu")
 
 
+def test_user_overrides_reach_every_run_and_an_arm_keeps_its_own_settings(tmp_path):
+    user = {"score": {"model.init_args.lam": 0.3, "model.init_args.iou_threshold": 0.6},
+            "sft": {"model.init_args.lr": 5e-4}}
+    experiment = shapes.ShapesExperiment(tmp_path, "toy", [0], ["sft", "loc_only"], overrides=user)
+    arm = experiment.arm_run(0, "loc_only")
+    assert arm.overrides["score"]["model.init_args.lam"] == 0.0  # the arm's λ, not the user's
+    assert arm.overrides["score"]["model.init_args.iou_threshold"] == 0.6
+    assert experiment.seed_run(0).overrides["sft"]["model.init_args.lr"] == 5e-4
+    assert experiment.seed_run(0).overrides["sft"]["data.init_args.seed"] == 0
+    assert experiment.shared.overrides["sft"]["model.init_args.lr"] == 5e-4
+    assert user["score"]["model.init_args.lam"] == 0.3  # the caller's mapping is left alone
+    with pytest.raises(SystemExit):
+        shapes.main(["--out", str(tmp_path / "x"), "--set", "eval_rec_sft:a=1"])  # a quickstart name, not ours
+
+
 def test_score_stage_without_pairs_is_recorded_and_other_errors_raise(tmp_path, monkeypatch):
     import inspect
 

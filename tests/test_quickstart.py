@@ -151,6 +151,31 @@ def test_accelerator_reaches_every_stage_config_and_a_bad_one_is_refused(tmp_pat
         quickstart.main(["--out", str(tmp_path / "y"), "--accelerator", "tpu"])
 
 
+def test_parse_overrides_reads_yaml_values_and_names_what_is_wrong():
+    parsed = quickstart.parse_overrides(["sft:model.init_args.lr=5e-4", "sft:data.init_args.batch_size=32",
+                                         "*:trainer.enable_progress_bar=false"])
+    assert parsed == {"sft": {"model.init_args.lr": 5e-4, "data.init_args.batch_size": 32},
+                      "*": {"trainer.enable_progress_bar": False}}
+    with pytest.raises(ValueError, match="expected CONFIG:dotted.key=value"):
+        quickstart.parse_overrides(["sft.model.init_args.lr=5e-4"])
+    with pytest.raises(ValueError, match="expected CONFIG:dotted.key=value"):
+        quickstart.parse_overrides(["sft:model.init_args.lr"])
+    with pytest.raises(ValueError, match="no config named 'sfft'"):
+        quickstart.parse_overrides(["sfft:model.init_args.lr=1"])
+
+
+def test_set_overrides_win_over_the_stage_and_reach_only_their_config(tmp_path):
+    run = quickstart.Run(tmp_path, "toy", overrides={"sft": {"trainer.max_steps": 7, "model.init_args.lr": 5e-4},
+                                                     "*": {"trainer.log_every_n_steps": 3}})
+    sft = yaml.safe_load(run.config("sft", "sft.yaml", {"trainer.max_steps": 2}).read_text())
+    assert sft["trainer"]["max_steps"] == 7 and sft["model"]["init_args"]["lr"] == 5e-4
+    assert sft["trainer"]["log_every_n_steps"] == 3
+    dpo = yaml.safe_load(run.config("dpo", "dpo.yaml", {"trainer.max_steps": 2}).read_text())
+    assert dpo["trainer"]["max_steps"] == 2 and dpo["trainer"]["log_every_n_steps"] == 3
+    with pytest.raises(SystemExit):
+        quickstart.main(["--out", str(tmp_path / "y"), "--set", "nothing:a=1"])
+
+
 def test_every_quickstart_config_parses():
     from spr_lightning.cli import cli_main
 

@@ -79,6 +79,9 @@ METRICS = REC_METRICS + PHRASE_METRICS
 BASELINE = "sft"
 #: Stages that start over when they rerun unfinished (``generate`` and ``score`` resume from their shards).
 _RESTART = frozenset({"clip", "sft", "dpo", "chosen_data", "chosen_sft", "eval_rec", "eval_phrase"})
+#: The configs an experiment writes (``configs/<name>.yaml`` of a seed or an arm): what ``--set`` may change.
+CONFIG_NAMES = ("vision", "clip", "sft", "generate", "score", "dpo", "chosen_sft", "eval_rec", "eval_phrase")
+
 #: Subcommand of each stage, for the command list of the report.
 _SUBCOMMANDS = {"clip": "fit", "sft": "fit", "dpo": "fit", "chosen_sft": "fit", "generate": "predict",
                 "score": "predict"}
@@ -145,20 +148,15 @@ class ExperimentRun(Run):
         size: quickstart.QuickstartSize | None = None,
         accelerator: str = "cpu",
     ) -> None:
-        super().__init__(root, size_name, accelerator)
+        super().__init__(root, size_name, accelerator, overrides)
         if size is not None:
             self.size = size
         self.links = dict(links or {})
-        self.overrides = {stage: dict(values) for stage, values in (overrides or {}).items()}
 
     def path(self, *parts: str) -> Path:
         if parts and parts[0] in self.links:
             return self.links[parts[0]].joinpath(*parts[1:])
         return self.root.joinpath(*parts)
-
-    def config(self, stage: str, template: str, overrides: dict[str, Any]) -> Path:
-        merged = {**overrides, **self.overrides.get("*", {}), **self.overrides.get(stage, {})}
-        return super().config(stage, template, merged)
 
 
 def template_value(template: str, dotted: str, default: Any = None) -> Any:
@@ -465,9 +463,10 @@ class ShapesExperiment:
     def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
                  rec_samples: int | None = None, phrase_samples: int | None = None,
                  sft_start: Path | None = None, dpo_lr: float | None = None, dpo_epochs: int | None = None,
-                 accelerator: str = "cpu") -> None:
+                 accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.out = out
         self.accelerator = accelerator
+        self.user_overrides = {name: dict(values) for name, values in (overrides or {}).items()}
         self.sft_start = sft_start
         self.dpo_lr = dpo_lr
         self.size_name = size_name
@@ -478,7 +477,15 @@ class ShapesExperiment:
         self.seeds = list(seeds)
         self.arms = list(arms)
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
-        self.shared = ExperimentRun(out, size_name, size=self.size, accelerator=accelerator)
+        self.shared = ExperimentRun(out, size_name, overrides=self.user_overrides, size=self.size,
+                                    accelerator=accelerator)
+
+    def _overrides(self, own: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The user's ``--set`` values with a seed's or an arm's ``own`` on top (those define the arm: they win)."""
+        merged = {name: dict(values) for name, values in self.user_overrides.items()}
+        for name, values in own.items():
+            merged.setdefault(name, {}).update(values)
+        return merged
 
     def _shared_links(self, seed: int) -> dict[str, Path]:
         """Where the shared stages (and, with ``sft_start``, the SFT start) of ``seed`` live."""
@@ -494,7 +501,8 @@ class ShapesExperiment:
                      "generate": {"model.init_args.seed": seed,
                                   "data.init_args.seed": template_value("generate.yaml", "data.init_args.seed", 0)
                                   + seed}}  # fmt: skip
-        return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, overrides, self.size, self.accelerator)
+        return ExperimentRun(self.out / f"seed_{seed}", self.size_name, links, self._overrides(overrides), self.size,
+                             self.accelerator)
 
     def arm_run(self, seed: int, arm: str) -> ExperimentRun:
         if self.sft_start is not None and ARMS[arm].training == "none":
@@ -505,7 +513,8 @@ class ShapesExperiment:
         lr = {} if self.dpo_lr is None else {"model.init_args.lr": self.dpo_lr}  # DPO and its Tab. 8 twin alike
         overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed, **lr},
                      "chosen_sft": {"data.init_args.seed": seed, **lr}}
-        return ExperimentRun(root / "arms" / arm, self.size_name, links, overrides, self.size, self.accelerator)
+        return ExperimentRun(root / "arms" / arm, self.size_name, links, self._overrides(overrides), self.size,
+                             self.accelerator)
 
     def stage(self, run: ExperimentRun, stage: str, fn: Callable[[ExperimentRun], dict[str, Any]],
               scope: str) -> dict[str, Any]:
@@ -600,8 +609,8 @@ class ShapesExperiment:
         shared = self.shared
         if self.sft_start is not None:
             check_sft_start(self.sft_start)
-            shared = ExperimentRun(self.out, self.size_name, self._shared_links(self.seeds[0]), size=self.size,
-                                   accelerator=self.accelerator)
+            shared = ExperimentRun(self.out, self.size_name, self._shared_links(self.seeds[0]), self.user_overrides,
+                                   size=self.size, accelerator=self.accelerator)
         for stage, fn in (("world", quickstart.stage_world), ("vision", quickstart.stage_vision),
                           ("clip", quickstart.stage_clip)):
             self.stage(shared, stage, fn if self.sft_start is None else _never_run, "shared")
@@ -734,6 +743,7 @@ def run_experiment(
     dpo_lr: float | None = None,
     dpo_epochs: int | None = None,
     accelerator: str = "cpu",
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
 
@@ -752,6 +762,8 @@ def run_experiment(
         dpo_lr: learning rate of DPO and of the ``sft_chosen`` arm (default: ``configs/quickstart/dpo.yaml``'s).
         dpo_epochs: epochs of DPO and of the ``sft_chosen`` arm (default: the size's).
         accelerator: Lightning accelerator of every stage (``cpu``, ``gpu``, ``auto``; one device).
+        overrides: config name (:data:`CONFIG_NAMES`, or ``"*"``) -> dotted config values for the stages that run;
+            a seed's or an arm's own settings (seed, λ, refinement, ``dpo_lr``) win over them.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -769,7 +781,7 @@ def run_experiment(
     if (dpo_lr is not None and dpo_lr <= 0) or (dpo_epochs is not None and dpo_epochs < 1):
         raise ValueError(f"dpo_lr must be > 0 and dpo_epochs >= 1, got {dpo_lr}, {dpo_epochs}")
     experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples,
-                                  start, dpo_lr, dpo_epochs, accelerator)
+                                  start, dpo_lr, dpo_epochs, accelerator, overrides)
     results = experiment.run()
     if command is None:
         command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
@@ -777,7 +789,9 @@ def run_experiment(
                    + (f" --sft-start {sft_start}" if sft_start is not None else "")
                    + (f" --dpo-lr {dpo_lr}" if dpo_lr is not None else "")
                    + (f" --dpo-epochs {dpo_epochs}" if dpo_epochs is not None else "")
-                   + (f" --accelerator {accelerator}" if accelerator != "cpu" else ""))
+                   + (f" --accelerator {accelerator}" if accelerator != "cpu" else "")
+                   + "".join(f" --set '{name}:{key}={value}'" for name, values in (overrides or {}).items()
+                             for key, value in values.items()))
     text = write_report(results, root, command)
     print("\n" + text, flush=True)
     return results
@@ -800,10 +814,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dpo-epochs", type=int, help="epochs of DPO and of the sft_chosen arm (default: the size's)")
     parser.add_argument("--accelerator", default="cpu", choices=quickstart.ACCELERATORS,
                         help="Lightning accelerator of every stage (default cpu; gpu or auto for one CUDA device)")
+    parser.add_argument("--set", action="append", default=[], metavar="CONFIG:KEY=VALUE",
+                        help=f"change one value of a stage's config (repeatable; configs: {', '.join(CONFIG_NAMES)}, "
+                        "or * for all), e.g. sft:model.init_args.lr=5e-4; an arm's own settings win")
     args = parser.parse_args(argv)
+    try:
+        overrides = quickstart.parse_overrides(args.set, CONFIG_NAMES)
+    except ValueError as error:
+        parser.error(str(error))
     command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
     return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command,
-                          args.sft_start, args.dpo_lr, args.dpo_epochs, args.accelerator)
+                          args.sft_start, args.dpo_lr, args.dpo_epochs, args.accelerator, overrides)
 
 
 if __name__ == "__main__":
