@@ -163,6 +163,8 @@ class Run:
         self.root = root
         self.size_name = size_name
         self.size = SIZES[size_name]
+        if accelerator not in ACCELERATORS:
+            raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         self.accelerator = accelerator
         self.overrides = {name: dict(values) for name, values in (overrides or {}).items()}
 
@@ -462,8 +464,6 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
-    if accelerator not in ACCELERATORS:
-        raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = Run(Path(out).resolve(), size, accelerator, overrides)
     start = time.perf_counter()

@@ -160,8 +160,10 @@ def test_experiment_passes_the_accelerator_to_every_run(tmp_path):
 
 def test_user_overrides_reach_every_run_and_an_arm_keeps_its_own_settings(tmp_path):
     user = {"score": {"model.init_args.lam": 0.3, "model.init_args.iou_threshold": 0.6},
-            "sft": {"model.init_args.lr": 5e-4}}
+            "sft": {"model.init_args.lr": 5e-4, "seed_everything": 99}}
     experiment = shapes.ShapesExperiment(tmp_path, "toy", [0], ["sft", "loc_only"], overrides=user)
+    sft = yaml.safe_load(experiment.seed_run(0).config("sft", "sft.yaml", {}).read_text())
+    assert sft["seed_everything"] == 0 and sft["model"]["init_args"]["lr"] == 5e-4  # the seed's own seed wins
     arm = experiment.arm_run(0, "loc_only")
     assert arm.overrides["score"]["model.init_args.lam"] == 0.0  # the arm's λ, not the user's
     assert arm.overrides["score"]["model.init_args.iou_threshold"] == 0.6

@@ -481,10 +481,15 @@ class ShapesExperiment:
                                     accelerator=accelerator)
 
     def _overrides(self, own: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-        """The user's ``--set`` values with a seed's or an arm's ``own`` on top (those define the arm: they win)."""
+        """The user's ``--set`` values with a seed's or an arm's ``own`` on top (those define the arm: they win).
+
+        ``own["*"]`` goes into every config the user names too: :meth:`Run.config` applies a config's own entry after
+        ``"*"``, so a user's ``sft:seed_everything`` would otherwise beat the arm's seed."""
         merged = {name: dict(values) for name, values in self.user_overrides.items()}
         for name, values in own.items():
             merged.setdefault(name, {}).update(values)
+        for values in merged.values():
+            values.update(own.get("*", {}))
         return merged
 
     def _shared_links(self, seed: int) -> dict[str, Path]:
@@ -767,8 +772,6 @@ def run_experiment(
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if accelerator not in quickstart.ACCELERATORS:
-        raise ValueError(f"accelerator must be one of {quickstart.ACCELERATORS}, got {accelerator!r}")
     unknown = sorted(set(arms or ()) - set(ARMS))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms: {list(ARMS)}")
