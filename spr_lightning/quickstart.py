@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SIZES", "QuickstartSize", "main", "run_quickstart"]
+__all__ = ["SIZES", "QuickstartSize", "main", "run_quickstart", "size_by_name"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 STAGES = ("world", "vision", "base", "clip", "sft", "generate", "score", "dpo", "eval")
@@ -112,6 +112,13 @@ SIZES: dict[str, QuickstartSize] = {
 }
 
 
+def size_by_name(name: str) -> QuickstartSize:
+    """``SIZES[name]``, or a ``ValueError`` that lists the sizes (the one check both runners make)."""
+    if name not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {name!r}")
+    return SIZES[name]
+
+
 # ------------------------------------------------------------------------------------------ plumbing
 def set_in(config: dict[str, Any], dotted: str, value: Any) -> None:
     """``set_in(cfg, "model.init_args.lr", 1e-3)``; a ``[i]`` part indexes a list (``trainer.callbacks[0]``)."""
@@ -162,7 +169,7 @@ class Run:
                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.root = root
         self.size_name = size_name
-        self.size = SIZES[size_name]
+        self.size = size_by_name(size_name)
         if accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         self.accelerator = accelerator
@@ -460,8 +467,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
                    accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
     the configs of the stages it runs; returns the printed report."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    size_by_name(size)
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -151,6 +151,15 @@ def test_accelerator_reaches_every_stage_config_and_a_bad_one_is_refused(tmp_pat
         quickstart.main(["--out", str(tmp_path / "y"), "--accelerator", "tpu"])
 
 
+def test_an_unknown_size_is_refused_before_anything_is_written(tmp_path):
+    assert quickstart.size_by_name("small") is quickstart.SIZES["small"]
+    with pytest.raises(ValueError, match=r"size must be one of \['full', 'small', 'toy'\], got 'huge'"):
+        quickstart.Run(tmp_path / "r", "huge")
+    with pytest.raises(ValueError, match="got 'huge'"):
+        quickstart.run_quickstart(tmp_path / "q", "huge")
+    assert not (tmp_path / "q").exists()
+
+
 def test_parse_overrides_reads_yaml_values_and_names_what_is_wrong():
     parsed = quickstart.parse_overrides(["sft:model.init_args.lr=5e-4", "sft:data.init_args.batch_size=32",
                                          "*:trainer.enable_progress_bar=false"])

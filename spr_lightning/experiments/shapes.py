@@ -54,7 +54,7 @@ import yaml
 
 from spr_lightning import quickstart
 from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
-from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli
+from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli, size_by_name
 
 __all__ = [
     "ARMS",
@@ -470,7 +470,7 @@ class ShapesExperiment:
         self.sft_start = sft_start
         self.dpo_lr = dpo_lr
         self.size_name = size_name
-        size = SIZES[size_name]
+        size = size_by_name(size_name)
         self.size = replace(size, rec_samples=rec_samples or size.rec_samples,
                             phrase_samples=phrase_samples or size.phrase_samples,
                             dpo_epochs=dpo_epochs or size.dpo_epochs)
@@ -770,8 +770,7 @@ def run_experiment(
         overrides: config name (:data:`CONFIG_NAMES`, or ``"*"``) -> dotted config values for the stages that run;
             a seed's or an arm's own settings (seed, λ, refinement, ``dpo_lr``) win over them.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    size_by_name(size)
     unknown = sorted(set(arms or ()) - set(ARMS))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms: {list(ARMS)}")
