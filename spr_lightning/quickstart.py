@@ -144,17 +144,45 @@ def write_config(template: str, out: Path, overrides: dict[str, Any]) -> Path:
     return out
 
 
-def run_cli(subcommand: str, config: Path) -> Any:
-    """One stage through the project's LightningCLI, as ``python -m spr_lightning <subcommand> --config``."""
+def run_cli(subcommand: str, config: Path, ckpt_path: Path | None = None) -> Any:
+    """One stage through the project's LightningCLI, as ``python -m spr_lightning <subcommand> --config``
+    (``fit`` from ``ckpt_path`` when given)."""
     from spr_lightning.cli import cli_main
 
-    print(f"\n$ python -m spr_lightning {subcommand} --config {config}", flush=True)
+    args = [subcommand, "--config", str(config)] + ([] if ckpt_path is None else ["--ckpt_path", str(ckpt_path)])
+    print(f"\n$ python -m spr_lightning {' '.join(args)}", flush=True)
     argv = sys.argv
     sys.argv = argv[:1]  # the quickstart's own flags are not the stage's (LightningCLI warns when it sees both)
     try:
-        return cli_main([subcommand, "--config", str(config)])
+        return cli_main(args)
     finally:
         sys.argv = argv
+
+
+def fit_stage(run: Run, stage: str, config: Path) -> Any:
+    """``fit`` one of the :data:`RESUMABLE` stages: from ``<stage>/checkpoints/last.ckpt`` when an interrupted run
+    left one (its config writes one every 500 steps), so that hours of SFT are not lost to a kill; the checkpoints
+    are deleted once the stage has finished and exported its model."""
+    last = run.path(stage, "checkpoints", "last.ckpt")
+    resume = last if last.is_file() else None
+    if resume is not None:
+        print(f"[quickstart] {stage}: resuming from {resume} (--redo {stage} starts over)", flush=True)
+    cli = run_cli("fit", config, resume)
+    shutil.rmtree(run.path(stage, "checkpoints"), ignore_errors=True)
+    return cli
+
+
+def clear_stage(run: Run, stage: str) -> None:
+    """Empty a stage's folder before it runs again; a :data:`RESUMABLE` stage keeps its ``checkpoints``."""
+    folder = run.path(stage)
+    if stage not in RESUMABLE or not folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and child.name != "checkpoints":
+            shutil.rmtree(child)
+        elif child.is_file():
+            child.unlink()
 
 
 class Run:
@@ -266,7 +294,7 @@ def stage_vision(run: Run) -> dict[str, Any]:
         "data.init_args.image_size": s.vision["image_size"], "data.init_args.patch_size": s.vision["patch_size"],
         "data.init_args.num_train": s.vision_scenes, "data.init_args.batch_size": s.vision_batch_size,
     })  # fmt: skip
-    run_cli("fit", config)
+    fit_stage(run, "vision", config)
     return {"model": str(run.path("vision", "model", "final"))}
 
 
@@ -291,7 +319,7 @@ def stage_clip(run: Run) -> dict[str, Any]:
         "data.init_args.annotations": str(world / "annotations" / "instances_train.json"),
         "data.init_args.image_root": str(world / "images"), "data.init_args.batch_size": s.clip_batch_size,
     })  # fmt: skip
-    run_cli("fit", config)
+    fit_stage(run, "clip", config)
     return {"model": str(run.path("clip", "model", "final"))}
 
 
@@ -303,7 +331,7 @@ def stage_sft(run: Run) -> dict[str, Any]:
         "data.init_args.train_file": str(run.path("world", "sft_quickstart_train.jsonl")),
         "data.init_args.image_root": str(run.path("world")), "data.init_args.batch_size": s.sft_batch_size,
     })  # fmt: skip
-    run_cli("fit", config)
+    fit_stage(run, "sft", config)
     return {"model": str(run.path("sft", "model", "final"))}
 
 
@@ -384,8 +412,10 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "world": stage_world, "vision": stage_vision, "base": stage_base, "clip": stage_clip, "sft": stage_sft,
     "generate": stage_generate, "score": stage_score, "dpo": stage_dpo, "eval": stage_eval,
 }  # fmt: skip
-#: Stages that start over when they rerun (``predict`` stages resume from their shards instead).
+#: Stages that start over when they rerun (``predict`` stages resume from their shards instead) ...
 _RESTART = ("vision", "clip", "sft", "dpo", "eval")
+#: ... except that these resume from their last checkpoint when an interrupted run left one (:func:`fit_stage`).
+RESUMABLE = ("vision", "clip", "sft")
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -480,7 +510,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
             print(f"[quickstart] {stage}: done already ({run.path(stage, 'DONE')})", flush=True)
             continue
         if stage in _RESTART:
-            shutil.rmtree(run.path(stage), ignore_errors=True)
+            clear_stage(run, stage)
         print(f"\n[quickstart] stage {k + 1}/{len(STAGES)}: {stage}", flush=True)
         began = time.perf_counter()
         info = STAGE_FUNCTIONS[stage](run)

@@ -207,6 +207,31 @@ def test_metric_rows_and_table():
     assert "+10.0" in table and "-5.0" in table
 
 
+def test_an_interrupted_sft_stage_resumes_from_its_last_checkpoint(tmp_path):
+    import csv
+
+    every = {"trainer.callbacks[1].init_args.every_n_train_steps": 1, "trainer.log_every_n_steps": 1}
+    first = quickstart.Run(tmp_path, "toy", overrides={"sft": {**every, "trainer.max_steps": 2}})
+    for stage in ("world", "vision", "base"):
+        quickstart.STAGE_FUNCTIONS[stage](first)
+    # a run killed after step 2: what `fit` leaves behind before the stage can finish
+    quickstart.run_cli("fit", first.config("sft", "sft.yaml", {
+        **quickstart.fit_overrides(first, "sft", 2),
+        "model.init_args.model_name_or_path": str(first.path("base", "model")),
+        "data.init_args.train_file": str(first.path("world", "sft_quickstart_train.jsonl")),
+        "data.init_args.image_root": str(first.path("world")), "data.init_args.batch_size": 2,
+    }))  # fmt: skip
+    assert (tmp_path / "sft" / "checkpoints" / "last.ckpt").is_file()
+    again = quickstart.Run(tmp_path, "toy", overrides={"sft": {**every, "trainer.max_steps": 4}})
+    quickstart.clear_stage(again, "sft")
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["checkpoints"]
+    quickstart.stage_sft(again)
+    rows = list(csv.DictReader(open(next((tmp_path / "sft" / "logs").glob("version_*/metrics.csv")))))
+    assert sorted({int(r["step"]) for r in rows if r.get("train/loss")}) == [2, 3]  # steps 0-1 not trained again
+    assert (tmp_path / "sft" / "model" / "final" / "config.json").is_file()
+    assert not (tmp_path / "sft" / "checkpoints").exists()  # deleted once the stage is done
+
+
 # -------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_quickstart_toy_end_to_end(tmp_path, capsys):

@@ -41,7 +41,6 @@ import functools
 import inspect
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ import yaml
 
 from spr_lightning import quickstart
 from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
-from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, reward_curves, run_cli, size_by_name
+from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, clear_stage, reward_curves, run_cli, size_by_name
 
 __all__ = [
     "ARMS",
@@ -530,7 +529,7 @@ class ShapesExperiment:
             print(f"[shapes] {scope}: {stage} done already ({marker})", flush=True)
         else:
             if stage in _RESTART:
-                shutil.rmtree(run.path(stage), ignore_errors=True)
+                clear_stage(run, stage)
             print(f"\n[shapes] {scope}: {stage}", flush=True)
             began = time.perf_counter()
             info = fn(run)
