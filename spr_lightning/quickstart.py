@@ -175,8 +175,8 @@ def fit_stage(run: Run, stage: str, config: Path) -> Any:
 def clear_stage(run: Run, stage: str) -> None:
     """Empty a stage's folder before it runs again; a :data:`RESUMABLE` stage keeps its ``checkpoints``."""
     folder = run.path(stage)
-    if stage not in RESUMABLE or not folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
+    if stage not in RESUMABLE or not folder.is_dir() or folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)  # refuses a symlink (ignored): a linked folder's files stay
         return
     for child in folder.iterdir():
         if child.is_dir() and child.name != "checkpoints":

@@ -230,6 +230,12 @@ def test_an_interrupted_sft_stage_resumes_from_its_last_checkpoint(tmp_path):
     assert sorted({int(r["step"]) for r in rows if r.get("train/loss")}) == [2, 3]  # steps 0-1 not trained again
     assert (tmp_path / "sft" / "model" / "final" / "config.json").is_file()
     assert not (tmp_path / "sft" / "checkpoints").exists()  # deleted once the stage is done
+    # a stage folder that is a symlink to another run's is left alone, as rmtree leaves it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "kept.txt").write_text("x")
+    (tmp_path / "clip").symlink_to(tmp_path / "other")
+    quickstart.clear_stage(again, "clip")
+    assert (tmp_path / "other" / "kept.txt").is_file()
 
 
 # -------------------------------------------------------------------------------------------- end to end
