@@ -25,6 +25,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from spr_lightning.grounding_attention import box_queries, grounding_attention_loss, location_token_values
 from spr_lightning.logprobs import IGNORE_INDEX
 from spr_lightning.models import (
     apply_lora,
@@ -138,6 +139,11 @@ class SFTModule(LightningModule):
         dtype: weight dtype of the model (``float32``, ``bfloat16``, ``float16``, ``auto``).
         gradient_checkpointing: recompute decoder activations in backward.
         chunk_size: answer positions per LM-head block when computing the loss.
+        grounding_attention_weight: weight of the auxiliary grounding-attention loss
+            (:mod:`spr_lightning.grounding_attention`: before each box, one head looks at the patches the box
+            covers); ``0`` (default) is plain SFT. Runs the language model with eager attention.
+        grounding_attention_layer: the supervised decoder layer (negative counts from the last).
+        grounding_attention_head: the supervised head of that layer.
         trust_remote_code: allow custom model code from the hub (off unless set).
     """
 
@@ -158,6 +164,9 @@ class SFTModule(LightningModule):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         chunk_size: int = 1024,
+        grounding_attention_weight: float = 0.0,
+        grounding_attention_layer: int = -1,
+        grounding_attention_head: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -165,6 +174,8 @@ class SFTModule(LightningModule):
             raise ValueError("full_finetune_vision applies to full fine-tuning; set lora=False with it")
         if projector_lr_scale < 0:
             raise ValueError(f"projector_lr_scale must be >= 0, got {projector_lr_scale}")
+        if grounding_attention_weight < 0:
+            raise ValueError(f"grounding_attention_weight must be >= 0, got {grounding_attention_weight}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
@@ -172,6 +183,11 @@ class SFTModule(LightningModule):
         # Loaded here, not in `configure_model`, so that an optimizer built right after the module sees the
         # trainable parameters (LightningCLI's `--optimizer`).
         self.policy = self._load_policy()
+        self._location_values = None
+        if grounding_attention_weight > 0:
+            self._location_values = location_token_values(self.processor.tokenizer)
+            # Only eager attention returns the probabilities the auxiliary loss reads.
+            self.base_model.set_attn_implementation("eager")
 
     def _load_policy(self) -> nn.Module:
         hp = self.hparams
@@ -203,18 +219,29 @@ class SFTModule(LightningModule):
     def sft_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Mean answer-token cross-entropy and teacher-forced token accuracy of one batch."""
         inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels")}
-        base = self.base_model
-        hidden = base.model(**inputs, use_cache=False).last_hidden_state
-        nll, correct, count = answer_token_stats(hidden, base.get_output_embeddings(), batch["labels"],
-                                                 chunk_size=self.hparams.chunk_size)
+        base, hp = self.base_model, self.hparams
+        supervise = hp.grounding_attention_weight > 0
+        outputs = base.model(**inputs, use_cache=False, output_attentions=supervise)
+        nll, correct, count = answer_token_stats(outputs.last_hidden_state, base.get_output_embeddings(),
+                                                 batch["labels"], chunk_size=hp.chunk_size)
         count = count.clamp(min=1)
-        return {"loss": nll / count, "token_accuracy": correct.float() / count, "num_tokens": count.float()}
+        stats = {"loss": nll / count, "token_accuracy": correct.float() / count, "num_tokens": count.float()}
+        if supervise:
+            queries = box_queries(batch["input_ids"], batch["labels"], base.config.image_token_id,
+                                  self._location_values)
+            attention = outputs.attentions[hp.grounding_attention_layer]
+            stats["grounding_attention"] = grounding_attention_loss(attention, queries, hp.grounding_attention_head)
+            stats["loss"] = stats["loss"] + hp.grounding_attention_weight * stats["grounding_attention"]
+        return stats
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         stats = self.sft_step(batch)
         size = len(batch["keys"])
         self.log("train/loss", stats["loss"].detach(), prog_bar=True, on_step=True, batch_size=size)
         self.log("train/token_accuracy", stats["token_accuracy"], on_step=True, batch_size=size)
+        if "grounding_attention" in stats:
+            self.log("train/grounding_attention", stats["grounding_attention"].detach(), prog_bar=True,
+                     on_step=True, batch_size=size)
         return stats["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
