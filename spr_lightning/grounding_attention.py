@@ -68,8 +68,12 @@ def covered_patches(box: tuple[float, float, float, float], grid: int) -> Tensor
 
 
 def box_queries(input_ids: Tensor, labels: Tensor, image_token_id: int, location_values: Tensor,
-                scale: float = 100.0) -> list[BoxQuery]:
-    """Every box written in the answers (four location tokens in a row) and the image tokens it covers."""
+                scale: float = 100.0, every_coordinate: bool = False) -> list[BoxQuery]:
+    """Every box written in the answers (four location tokens in a row) and the image tokens it covers.
+
+    The query is the position that predicts the box's first coordinate, or, with ``every_coordinate``, each of
+    the four positions that predict its coordinates (one :class:`BoxQuery` each).
+    """
     queries: list[BoxQuery] = []
     values = location_values.to(labels.device)
     answer = labels.clamp(min=0)
@@ -89,7 +93,9 @@ def box_queries(input_ids: Tensor, labels: Tensor, image_token_id: int, location
                 continue
             x1, y1, x2, y2 = (values[labels[row, start:start + 4]].float() / scale).tolist()
             patches = covered_patches((x1, y1, x2, y2), grid).to(image_positions.device)
-            queries.append(BoxQuery(row, start - 1, image_positions[patches]))
+            targets = image_positions[patches]
+            for offset in range(4 if every_coordinate else 1):
+                queries.append(BoxQuery(row, start - 1 + offset, targets))
     return queries
 
 

@@ -144,6 +144,8 @@ class SFTModule(LightningModule):
             covers); ``0`` (default) is plain SFT. Runs the language model with eager attention.
         grounding_attention_layer: the supervised decoder layer (negative counts from the last).
         grounding_attention_head: the supervised head of that layer.
+        grounding_attention_every_coordinate: supervise the positions predicting all four coordinates of each
+            box, not only the first.
         trust_remote_code: allow custom model code from the hub (off unless set).
     """
 
@@ -167,6 +169,7 @@ class SFTModule(LightningModule):
         grounding_attention_weight: float = 0.0,
         grounding_attention_layer: int = -1,
         grounding_attention_head: int = 0,
+        grounding_attention_every_coordinate: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -228,7 +231,8 @@ class SFTModule(LightningModule):
         stats = {"loss": nll / count, "token_accuracy": correct.float() / count, "num_tokens": count.float()}
         if supervise:
             queries = box_queries(batch["input_ids"], batch["labels"], base.config.image_token_id,
-                                  self._location_values)
+                                  self._location_values,
+                                  every_coordinate=hp.grounding_attention_every_coordinate)
             attention = outputs.attentions[hp.grounding_attention_layer]
             stats["grounding_attention"] = grounding_attention_loss(attention, queries, hp.grounding_attention_head)
             stats["loss"] = stats["loss"] + hp.grounding_attention_weight * stats["grounding_attention"]

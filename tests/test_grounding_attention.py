@@ -67,6 +67,21 @@ def test_box_queries_find_each_box_and_the_position_before_it(small_llava):
     assert queries[2].targets.tolist() == image_positions[[5]].tolist()
 
 
+def test_every_coordinate_adds_the_three_following_positions(small_llava):
+    module, batch = _batch(*small_llava)
+    values = location_token_values(module.processor.tokenizer)
+    image_token_id = module.base_model.config.image_token_id
+    first = box_queries(batch["input_ids"], batch["labels"], image_token_id, values)
+    every = box_queries(batch["input_ids"], batch["labels"], image_token_id, values, every_coordinate=True)
+    assert len(every) == 4 * len(first)
+    for index, query in enumerate(first):
+        group = every[4 * index : 4 * index + 4]
+        assert [q.query for q in group] == [query.query + k for k in range(4)]
+        assert all(q.row == query.row and q.targets.tolist() == query.targets.tolist() for q in group)
+        # Each of them predicts a location token.
+        assert all(int(values[batch["input_ids"][q.row, q.query + 1]]) >= 0 for q in group)
+
+
 def test_loss_is_mean_negative_log_mass_on_the_targets():
     attention = torch.full((1, 2, 4, 4), 0.25)
     attention[0, 0, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4])

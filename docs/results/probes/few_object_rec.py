@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from spr_lightning.quickstart import COORD_FORMAT, set_in
+from spr_lightning.quickstart import CONFIG_DIR, COORD_FORMAT, set_in
 from spr_lightning.shapes import SceneConfig, write_world
 
 
@@ -45,9 +45,14 @@ def write_configs(run: Path, out: Path, batch_size: int, steps: int, lr: float, 
             "data.init_args.image_root": str(out / "scenes_test" / "images"), "data.init_args.max_samples": samples,
         },
     }  # fmt: skip
-    sources = {"sft.yaml": "sft.yaml", "eval_rec.yaml": "eval_rec_sft.yaml"}
+    sources = {"sft.yaml": ("sft.yaml", "sft.yaml"), "eval_rec.yaml": ("eval_rec_sft.yaml", "eval_rec.yaml")}
     for name, changes in overrides.items():
-        config = yaml.safe_load((run / "configs" / sources[name]).read_text(encoding="utf-8"))
+        resolved, template = sources[name]
+        # The run's resolved config when the run got that far, else the quickstart template (the same but for
+        # the paths and settings overridden here).
+        source = run / "configs" / resolved
+        source = source if source.exists() else CONFIG_DIR / template
+        config = yaml.safe_load(source.read_text(encoding="utf-8"))
         for key, value in changes.items():
             set_in(config, key, value)
         (out / name).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
