@@ -40,9 +40,12 @@ __all__ = [
 ]
 
 #: Prompt template per task. ``{expression}``: the referring expression; ``{phrases}``: the phrases joined by
-#: :func:`join_phrases`; ``{caption}``: the whole caption. The phrase prompt is Ferret's, which SPR follows.
+#: :func:`join_phrases`; ``{caption}``: the whole caption. The phrase prompt is Ferret's, which SPR follows. The
+#: REC prompt ends with the expression, as MiniGPT-v2's ("give me the location of ..."): right before the answer,
+#: where a small language model reads it (on SPR-Shapes, "Where is X? Answer with a bounding box." left the
+#: expression out of reach of the answer position; docs/results.md).
 DEFAULT_PROMPTS = {
-    "rec": "Where is {expression}? Answer with a bounding box.",
+    "rec": "Give the bounding box of {expression}.",
     "phrase": "What are the locations of {phrases}?",
 }
 _FIELDS = {"rec": {"expression"}, "phrase": {"phrases", "caption"}}

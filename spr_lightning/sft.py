@@ -146,6 +146,9 @@ class SFTModule(LightningModule):
         grounding_attention_head: the supervised head of that layer.
         grounding_attention_every_coordinate: supervise the positions predicting all four coordinates of each
             box, not only the first.
+        grounding_attention_start: share of the run's optimizer steps trained without the auxiliary loss before
+            it is switched on (measured on SPR-Shapes: from a random start the supervised head's lookup is
+            learned but the coordinates read out of it are not; after plain SFT both are, docs/results.md).
         trust_remote_code: allow custom model code from the hub (off unless set).
     """
 
@@ -170,6 +173,7 @@ class SFTModule(LightningModule):
         grounding_attention_layer: int = -1,
         grounding_attention_head: int = 0,
         grounding_attention_every_coordinate: bool = False,
+        grounding_attention_start: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -179,6 +183,8 @@ class SFTModule(LightningModule):
             raise ValueError(f"projector_lr_scale must be >= 0, got {projector_lr_scale}")
         if grounding_attention_weight < 0:
             raise ValueError(f"grounding_attention_weight must be >= 0, got {grounding_attention_weight}")
+        if not 0.0 <= grounding_attention_start < 1.0:
+            raise ValueError(f"grounding_attention_start must be in [0, 1), got {grounding_attention_start}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
@@ -223,7 +229,7 @@ class SFTModule(LightningModule):
         """Mean answer-token cross-entropy and teacher-forced token accuracy of one batch."""
         inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels")}
         base, hp = self.base_model, self.hparams
-        supervise = hp.grounding_attention_weight > 0
+        supervise = hp.grounding_attention_weight > 0 and self._grounding_attention_on()
         outputs = base.model(**inputs, use_cache=False, output_attentions=supervise)
         nll, correct, count = answer_token_stats(outputs.last_hidden_state, base.get_output_embeddings(),
                                                  batch["labels"], chunk_size=hp.chunk_size)
@@ -237,6 +243,13 @@ class SFTModule(LightningModule):
             stats["grounding_attention"] = grounding_attention_loss(attention, queries, hp.grounding_attention_head)
             stats["loss"] = stats["loss"] + hp.grounding_attention_weight * stats["grounding_attention"]
         return stats
+
+    def _grounding_attention_on(self) -> bool:
+        """Whether this step adds the grounding-attention loss (``grounding_attention_start`` has passed)."""
+        start = self.hparams.grounding_attention_start
+        if start == 0 or self._trainer is None:
+            return True
+        return self.trainer.global_step >= start * self.trainer.estimated_stepping_batches
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         stats = self.sft_step(batch)

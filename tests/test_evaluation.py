@@ -254,7 +254,7 @@ def test_rec_metric_from_fake_generations(refcoco, tmp_path, monkeypatch, capsys
     assert set(records) == {"101-0", "101-1", "102-0"}
     assert records["101-1"]["pred_box"] is None and records["101-1"]["iou"] == 0.0
     assert records["101-0"]["gt_box"] == [8.0, 8.0, 40.0, 32.0] and records["101-0"]["iou"] > 0.97
-    assert records["102-0"]["prompt"] == "Where is green box? Answer with a bounding box."
+    assert records["102-0"]["prompt"] == "Give the bounding box of green box."
     assert records["102-0"]["iou"] == 0.0
     out = capsys.readouterr().out
     assert "val rec | tiny:llava | ferret | 3 samples" in out and "| acc@0.5 |   33.33 |" in out

@@ -131,3 +131,18 @@ def test_weight_zero_is_plain_sft(small_llava):
     assert "grounding_attention" not in module.sft_step(batch)
     with pytest.raises(ValueError, match="grounding_attention_weight"):
         SFTModule(str(model_dir), grounding_attention_weight=-1.0)
+
+
+def test_grounding_attention_start_switches_the_loss_on_after_its_share_of_steps(small_llava):
+    from types import SimpleNamespace
+
+    model_dir, image = small_llava
+    module = SFTModule(str(model_dir), lora=False, grounding_attention_weight=1.0, grounding_attention_start=0.5)
+    batch = SFTCollator(module.processor)([{"key": "a", "prompt": "Where?", "image": image,
+                                            "answer": "{<1><2><30><40>}"}])
+    module._trainer = SimpleNamespace(global_step=4, estimated_stepping_batches=10)
+    assert "grounding_attention" not in module.sft_step(batch)
+    module._trainer.global_step = 5
+    assert module.sft_step(batch)["grounding_attention"].item() > 0
+    with pytest.raises(ValueError, match="grounding_attention_start"):
+        SFTModule(str(model_dir), grounding_attention_start=1.0)

@@ -247,7 +247,7 @@ def test_sft_prompts_are_what_evaluation_and_generation_ask(world):
         found = codec.decode(line["answer"], size)
         assert (line["region"] is None) == (line["task"] != "region")
         if line["task"] == "rec":
-            expression = re.fullmatch(r"Where is (.+)\? Answer with a bounding box\.", line["prompt"]).group(1)
+            expression = re.fullmatch(r"Give the bounding box of (.+)\.", line["prompt"]).group(1)
             assert line["prompt"] == DEFAULT_PROMPTS["rec"].format(expression=expression)
             assert [o["box"] for o in resolve(expression, objects[image_id])] == line["boxes"]
         elif line["task"] == "phrase":

@@ -4,7 +4,7 @@ Each sample is ``{"prompt", "answer"}`` about one image, the answer's boxes writ
 (``spr_lightning.coords``). The prompts are the ones the later stages ask, so SFT teaches exactly the formats
 that generation, scoring and evaluation read back:
 
-* ``rec``: the evaluator's REC question (``"Where is the small red triangle? Answer with a bounding box."``)
+* ``rec``: the evaluator's REC question (``"Give the bounding box of the small red triangle."``)
   answered with one box;
 * ``phrase``: the evaluator's phrase-grounding question (Ferret's ``"What are the locations of ...?"``)
   answered with the caption, each phrase followed by its boxes;
@@ -32,7 +32,7 @@ __all__ = ["IMAGE_PROMPT", "PHRASE_PROMPT", "REC_PROMPT", "SFTSample", "join_phr
 
 #: The evaluator's default prompts (``spr_lightning.evaluation.DEFAULT_PROMPTS``, equal by test); repeated here
 #: so that writing a world does not import Lightning and transformers.
-REC_PROMPT = "Where is {expression}? Answer with a bounding box."
+REC_PROMPT = "Give the bounding box of {expression}."
 PHRASE_PROMPT = "What are the locations of {phrases}?"
 IMAGE_PROMPT = "Describe the image in detail. Mention every object you describe together with its bounding box."
 
