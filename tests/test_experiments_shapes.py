@@ -281,6 +281,9 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     # the Tab. 8 arm trained (LoRA merged into a full model) on the chosen answers of the spr pairs
     chosen = out / "seed_0" / "arms" / "sft_chosen"
     assert (chosen / "chosen_sft" / "model" / "final" / "config.json").is_file()
+    # plain instruction finetuning: the start's grounding-attention loss is off in the Tab. 8 arm
+    chosen_config = yaml.safe_load((chosen / "configs" / "chosen_sft.yaml").read_text())
+    assert chosen_config["model"]["init_args"]["grounding_attention_weight"] == 0.0
     lines = (chosen / "chosen_data" / "sft_chosen.jsonl").read_text().splitlines()
     assert len(lines) == results["pairs"]["spr"]["0"]["pairs"]
     assert (out / "seed_1" / "arms" / "spr" / "score" / "DONE").is_file()

@@ -269,6 +269,8 @@ def _stage_chosen_sft(run: ExperimentRun) -> dict[str, Any]:
         "trainer.callbacks[0].init_args.dirpath": str(folder / "model"),
         "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
         "model.init_args.lora": True, "model.init_args.full_finetune_vision": False,
+        # Plain instruction finetuning, as the paper's arm: the start's grounding-attention loss is not part of it.
+        "model.init_args.grounding_attention_weight": 0.0,
         **{f"model.init_args.{name}": _dpo_setting(name) for name in shared},
         "data.init_args.train_file": str(run.path("chosen_data", "sft_chosen.jsonl")),
         "data.init_args.image_root": str(run.path("chosen_data")), "data.init_args.batch_size": s.dpo_batch_size,
