@@ -11,8 +11,11 @@ covers,
 
 ``query(box)`` the position whose output predicts the box's first coordinate, ``patches(box)`` the image tokens
 (row-major patch grid) whose centres lie inside the box, or the one under its centre for a box smaller than a
-patch. Needs a location vocabulary of whole tokens (MiniGPT-v2's ``<0>``..``<100>``) and image tokens laid out
-as a square patch grid in the sequence (LLaVA with the ``default`` feature strategy).
+patch. With ``phrase_ids`` the positions that predict the words of the box's grounded phrase (``<p>..</p>`` just
+before it) are supervised the same way: a phrase is written before its box, so the choice of *what* to name is
+made there, and naming an object is reading the patches under it. Needs a location vocabulary of whole tokens
+(MiniGPT-v2's ``<0>``..``<100>``) and image tokens laid out as a square patch grid in the sequence (LLaVA with
+the ``default`` feature strategy).
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def location_token_values(tokenizer, max_value: int = 100) -> Tensor:
     return values
 
 
+def phrase_token_ids(tokenizer, open_tag: str = "<p>", close_tag: str = "</p>") -> tuple[int, int]:
+    """Ids of the phrase tags when each is one whole token (as in the MiniGPT-v2 / Shikra grounded format)."""
+    ids = []
+    for tag in (open_tag, close_tag):
+        encoded = tokenizer(tag, add_special_tokens=False).input_ids
+        if len(encoded) != 1:
+            raise ValueError(f"grounding attention on phrases needs {tag!r} as one token; the tokenizer splits it "
+                             f"into {len(encoded)}")
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
 @dataclass(frozen=True)
 class BoxQuery:
     """One supervised lookup: row ``row`` of the batch, its position ``query``, the image positions to attend."""
@@ -67,12 +82,36 @@ def covered_patches(box: tuple[float, float, float, float], grid: int) -> Tensor
     return (rows[:, None] * grid + cols[None, :]).flatten()
 
 
+def phrase_positions(labels_row: Tensor, box_start: int, phrase_ids: tuple[int, int],
+                     max_gap: int = 4) -> list[int]:
+    """Positions that predict the words of the grounded phrase just before the box at ``box_start``.
+
+    ``phrase_ids`` are the ids of ``<p>`` and ``</p>``. The phrase closes at most ``max_gap`` tokens before the box
+    (``</p> {``); the positions are ``<p>`` up to the token before ``</p>`` (each predicts the next word). Empty
+    when the box has no phrase (a REC answer) or the phrase is not part of the answer.
+    """
+    open_id, close_id = phrase_ids
+    close = next((i for i in range(box_start - 1, max(box_start - 1 - max_gap, -1), -1)
+                  if int(labels_row[i]) == close_id), None)
+    if close is None:
+        return []
+    for i in range(close - 1, -1, -1):
+        token = int(labels_row[i])
+        if token == open_id:
+            return list(range(i, close))
+        if token in (IGNORE_INDEX, close_id):
+            return []
+    return []
+
+
 def box_queries(input_ids: Tensor, labels: Tensor, image_token_id: int, location_values: Tensor,
-                scale: float = 100.0, every_coordinate: bool = False) -> list[BoxQuery]:
+                scale: float = 100.0, every_coordinate: bool = False,
+                phrase_ids: tuple[int, int] | None = None) -> list[BoxQuery]:
     """Every box written in the answers (four location tokens in a row) and the image tokens it covers.
 
     The query is the position that predicts the box's first coordinate, or, with ``every_coordinate``, each of
-    the four positions that predict its coordinates (one :class:`BoxQuery` each).
+    the four positions that predict its coordinates (one :class:`BoxQuery` each). With ``phrase_ids`` (the ids
+    of ``<p>`` and ``</p>``) the positions that predict the box's phrase are queries too (:func:`phrase_positions`).
     """
     queries: list[BoxQuery] = []
     values = location_values.to(labels.device)
@@ -96,6 +135,9 @@ def box_queries(input_ids: Tensor, labels: Tensor, image_token_id: int, location
             targets = image_positions[patches]
             for offset in range(4 if every_coordinate else 1):
                 queries.append(BoxQuery(row, start - 1 + offset, targets))
+            if phrase_ids is not None:
+                queries.extend(BoxQuery(row, position, targets)
+                               for position in phrase_positions(labels[row], start, phrase_ids))
     return queries
 
 

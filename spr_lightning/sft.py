@@ -25,7 +25,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from spr_lightning.grounding_attention import box_queries, grounding_attention_loss, location_token_values
+from spr_lightning.grounding_attention import (
+    box_queries,
+    grounding_attention_loss,
+    location_token_values,
+    phrase_token_ids,
+)
 from spr_lightning.logprobs import IGNORE_INDEX
 from spr_lightning.models import (
     apply_lora,
@@ -146,6 +151,8 @@ class SFTModule(LightningModule):
         grounding_attention_head: the supervised head of that layer.
         grounding_attention_every_coordinate: supervise the positions predicting all four coordinates of each
             box, not only the first.
+        grounding_attention_phrase: also supervise the positions that write each box's grounded phrase
+            (``<p>..</p>``) to look at the box's patches: naming an object is then reading it.
         grounding_attention_start: share of the run's optimizer steps trained without the auxiliary loss before
             it is switched on (measured on SPR-Shapes: from a random start the supervised head's lookup is
             learned but the coordinates read out of it are not; after plain SFT both are, docs/results.md).
@@ -173,6 +180,7 @@ class SFTModule(LightningModule):
         grounding_attention_layer: int = -1,
         grounding_attention_head: int = 0,
         grounding_attention_every_coordinate: bool = False,
+        grounding_attention_phrase: bool = False,
         grounding_attention_start: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
@@ -193,8 +201,11 @@ class SFTModule(LightningModule):
         # trainable parameters (LightningCLI's `--optimizer`).
         self.policy = self._load_policy()
         self._location_values = None
+        self._phrase_ids = None
         if grounding_attention_weight > 0:
             self._location_values = location_token_values(self.processor.tokenizer)
+            if grounding_attention_phrase:
+                self._phrase_ids = phrase_token_ids(self.processor.tokenizer)
             # Only eager attention returns the probabilities the auxiliary loss reads.
             self.base_model.set_attn_implementation("eager")
 
@@ -238,7 +249,8 @@ class SFTModule(LightningModule):
         if supervise:
             queries = box_queries(batch["input_ids"], batch["labels"], base.config.image_token_id,
                                   self._location_values,
-                                  every_coordinate=hp.grounding_attention_every_coordinate)
+                                  every_coordinate=hp.grounding_attention_every_coordinate,
+                                  phrase_ids=self._phrase_ids)
             attention = outputs.attentions[hp.grounding_attention_layer]
             stats["grounding_attention"] = grounding_attention_loss(attention, queries, hp.grounding_attention_head)
             stats["loss"] = stats["loss"] + hp.grounding_attention_weight * stats["grounding_attention"]

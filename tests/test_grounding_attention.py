@@ -14,6 +14,8 @@ from spr_lightning.grounding_attention import (
     covered_patches,
     grounding_attention_loss,
     location_token_values,
+    phrase_positions,
+    phrase_token_ids,
 )
 from spr_lightning.sft import SFTModule
 from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_small_llava
@@ -82,6 +84,49 @@ def test_every_coordinate_adds_the_three_following_positions(small_llava):
         assert all(int(values[batch["input_ids"][q.row, q.query + 1]]) >= 0 for q in group)
 
 
+def test_phrase_positions_by_hand():
+    # ids: <p>=1, </p>=2, "{"=3, a location token=9, IGNORE=-100; the box starts at index 7.
+    labels = torch.tensor([-100, -100, 1, 5, 6, 2, 3, 9, 9, 9, 9])
+    # <p> at 2 predicts word 5, 3 predicts 6, 4 predicts </p>.
+    assert phrase_positions(labels, 7, (1, 2)) == [2, 3, 4]
+    # No </p> just before the box (a REC answer): nothing.
+    assert phrase_positions(torch.tensor([-100, 3, 9, 9, 9, 9]), 2, (1, 2)) == []
+    # A </p> whose <p> lies in the prompt (ignored) does not count.
+    assert phrase_positions(torch.tensor([-100, 5, 2, 3, 9, 9, 9, 9]), 4, (1, 2)) == []
+    # The </p> too far before the box: not this box's phrase.
+    assert phrase_positions(torch.tensor([1, 5, 2, 7, 7, 7, 7, 7, 9, 9, 9, 9]), 8, (1, 2)) == []
+
+
+def test_phrase_queries_cover_each_phrase_with_its_box_patches(small_llava):
+    module, batch = _batch(*small_llava)
+    tokenizer = module.processor.tokenizer
+    values = location_token_values(tokenizer)
+    image_token_id = module.base_model.config.image_token_id
+    phrase_ids = phrase_token_ids(tokenizer)
+    boxes = box_queries(batch["input_ids"], batch["labels"], image_token_id, values)
+    queries = box_queries(batch["input_ids"], batch["labels"], image_token_id, values, phrase_ids=phrase_ids)
+    box_positions = {(q.row, q.query) for q in boxes}
+    phrase_queries = [q for q in queries if (q.row, q.query) not in box_positions]
+    assert len(phrase_queries) > 0 and all(q.row == 0 for q in phrase_queries)  # the REC answer has no phrase
+    ids = batch["input_ids"][0]
+    for box, phrase in zip(boxes[:2], ["a red circle", "a blue star"]):
+        mine = [q for q in phrase_queries if q.targets.tolist() == box.targets.tolist()]
+        # From <p> to the token before </p>: together they predict the phrase and its closing tag.
+        assert int(ids[mine[0].query]) == phrase_ids[0]
+        assert int(ids[mine[-1].query + 1]) == phrase_ids[1]
+        assert tokenizer.decode(ids[mine[0].query + 1 : mine[-1].query + 1]).strip() == phrase
+        assert [q.query for q in mine] == list(range(mine[0].query, mine[-1].query + 1))
+
+
+def test_a_tokenizer_that_splits_the_phrase_tags_is_refused():
+    class Splitting:
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [1] * len(text)})()
+
+    with pytest.raises(ValueError, match="as one token"):
+        phrase_token_ids(Splitting())
+
+
 def test_loss_is_mean_negative_log_mass_on_the_targets():
     attention = torch.full((1, 2, 4, 4), 0.25)
     attention[0, 0, 3] = torch.tensor([0.1, 0.2, 0.3, 0.4])
@@ -146,3 +191,22 @@ def test_grounding_attention_start_switches_the_loss_on_after_its_share_of_steps
     assert module.sft_step(batch)["grounding_attention"].item() > 0
     with pytest.raises(ValueError, match="grounding_attention_start"):
         SFTModule(str(model_dir), grounding_attention_start=1.0)
+
+
+def test_phrase_supervision_adds_the_phrase_positions_to_the_loss(small_llava):
+    model_dir, image = small_llava
+    module = SFTModule(str(model_dir), lora=False, grounding_attention_weight=1.0, grounding_attention_phrase=True)
+    batch = SFTCollator(module.processor)([{"key": "a", "prompt": "Describe.", "image": image,
+                                            "answer": "<p>a red circle</p> {<0><0><50><50>}"}])
+    base = module.base_model
+    with torch.no_grad():
+        got = module.sft_step(batch)["grounding_attention"]
+        inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels")}
+        attention = base.model(**inputs, use_cache=False, output_attentions=True).attentions[-1]
+    values = location_token_values(module.processor.tokenizer)
+    queries = box_queries(batch["input_ids"], batch["labels"], base.config.image_token_id, values,
+                          phrase_ids=phrase_token_ids(module.processor.tokenizer))
+    assert len(queries) > 1
+    assert got.item() == pytest.approx(grounding_attention_loss(attention, queries).item(), rel=1e-5)
+    box_only = box_queries(batch["input_ids"], batch["labels"], base.config.image_token_id, values)
+    assert got.item() != pytest.approx(grounding_attention_loss(attention, box_only).item(), rel=1e-3)
