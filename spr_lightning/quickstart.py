@@ -338,6 +338,8 @@ def stage_sft(run: Run) -> dict[str, Any]:
 def stage_generate(run: Run) -> dict[str, Any]:
     world, s, shards = run.path("world"), run.size, str(run.path("generate", "candidates"))
     config = run.config("generate", "generate.yaml", {
+        # Predict stages have no logger: without a root dir LightningCLI writes its config.yaml to the cwd.
+        "trainer.default_root_dir": str(run.path("generate")),
         "trainer.callbacks[0].init_args.output_dir": shards,
         "model.init_args.model_name_or_path": str(run.path("sft", "model", "final")),
         "model.init_args.num_candidates": s.num_candidates, "model.init_args.max_new_tokens": s.max_new_tokens,
@@ -352,6 +354,7 @@ def stage_generate(run: Run) -> dict[str, Any]:
 def stage_score(run: Run) -> dict[str, Any]:
     shards = str(run.path("score", "pairs"))
     config = run.config("score", "score.yaml", {
+        "trainer.default_root_dir": str(run.path("score")),
         "trainer.callbacks[0].init_args.output_dir": shards,
         "model.init_args.semantic_scorer.init_args.model_name": str(run.path("clip", "model", "final")),
         "data.init_args.urls": str(run.path("generate", "candidates")), "data.init_args.skip_done_in": shards,

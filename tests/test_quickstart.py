@@ -240,14 +240,16 @@ def test_an_interrupted_sft_stage_resumes_from_its_last_checkpoint(tmp_path):
 
 # -------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_quickstart_toy_end_to_end(tmp_path, capsys):
+def test_quickstart_toy_end_to_end(tmp_path, capsys, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, CLIPVisionModel
 
     from spr_lightning.scoring.semantic import SemanticScorer
 
     out = tmp_path / "qs"
+    monkeypatch.chdir(tmp_path)
     quickstart.main(["--out", str(out), "--size", "toy"])
+    assert not (tmp_path / "config.yaml").exists()  # every stage writes its CLI config into the run folder
     for stage in quickstart.STAGES:
         assert (out / stage / "DONE").is_file(), stage
     world = json.loads((out / "world" / "world.json").read_text())
