@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from spr_lightning.dpo_inputs import concatenated_inputs
 from spr_lightning.logprobs import completion_logps
-from spr_lightning.losses import dpo_loss
+from spr_lightning.losses import chosen_nll, dpo_loss
 from spr_lightning.models import apply_lora, count_parameters, load_policy, load_processor, load_reference
 from spr_lightning.shared_prefix import shared_prefix_logps
 from spr_lightning.training import adamw_cosine, keep_trainable_weights
@@ -66,6 +66,8 @@ class DPOModule(LightningModule):
         forward_mode: ``concat`` runs prompt + completion rows for chosen and rejected separately; ``shared_prefix``
             encodes image and prompt once per pair and runs both completions on its KV cache (same log-probs and
             gradients, less compute; see ``docs/dpo.md``). Families it doesn't know fall back to ``concat``.
+        rpo_alpha: weight α of the chosen answers' NLL per token added to the DPO loss (RPO; TRL's ``rpo_alpha``,
+            whose paper uses 1.0). ``None`` (default, SPR's Eq. 4): plain DPO.
     """
 
     FORWARD_MODES = ("concat", "shared_prefix")
@@ -92,10 +94,13 @@ class DPOModule(LightningModule):
         logps_chunk_size: int = 1024,
         trust_remote_code: bool = False,
         forward_mode: str = "concat",
+        rpo_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if forward_mode not in self.FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {self.FORWARD_MODES}, got {forward_mode!r}")
+        if rpo_alpha is not None and rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0 (or None for plain DPO), got {rpo_alpha}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         self.policy: nn.Module | None = None
@@ -178,7 +183,7 @@ class DPOModule(LightningModule):
             beta=self.hparams.beta, loss_type=self.hparams.loss_type, label_smoothing=self.hparams.label_smoothing,
             chosen_lengths=counts[:batch_size], rejected_lengths=counts[batch_size:],
         )
-        return {
+        stats = {
             "loss": losses.mean(),
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
@@ -187,6 +192,11 @@ class DPOModule(LightningModule):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
+        if self.hparams.rpo_alpha is not None:
+            nll = chosen_nll(chosen, counts[:batch_size])
+            stats["loss"] = stats["loss"] + self.hparams.rpo_alpha * nll
+            stats["nll_loss"] = nll.detach()
+        return stats
 
     def _log_stats(self, stats: dict[str, Tensor], stage: str, batch_size: int) -> None:
         """TRL's names: ``train/loss`` and bare ``rewards/*``, ``logps/*`` in training; ``val/...`` in validation."""

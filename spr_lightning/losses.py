@@ -53,6 +53,16 @@ def ipo_loss(
     return (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """RPO's extra term (Pang et al. 2024; TRL's ``rpo_alpha``): ``−Σ_b π_c(b) / Σ_b |y_c(b)|``.
+
+    The chosen answers' negative log-likelihood per completion token over the batch. Added to DPO with weight α it
+    keeps the chosen answers likely: plain DPO may lower both answers' log-probs as long as the rejected ones fall
+    faster, which on a weak policy drags down the very answers it prefers.
+    """
+    return -chosen_logps.float().sum() / chosen_lengths.to(torch.float32).sum().clamp(min=1.0)
+
+
 DPO_LOSSES: dict[str, Callable[..., Tensor]] = {
     "sigmoid": sigmoid_loss,
     "robust": robust_loss,

@@ -74,6 +74,21 @@ def test_step_zero_loss_is_ln2_with_fresh_adapter(tiny_models):
     assert stats["rewards/chosen"].item() == 0.0
 
 
+def test_rpo_alpha_adds_the_chosen_nll_per_token(tiny_models):
+    plain = DPOModule(str(tiny_models["llava"]), lora_r=4, lora_alpha=8)
+    rpo = DPOModule(str(tiny_models["llava"]), lora_r=4, lora_alpha=8, rpo_alpha=0.5)
+    batch = PreferenceCollator(plain.processor, max_length=None)(pair_samples())
+    with torch.no_grad():
+        base, stats = plain.dpo_step(batch), rpo.dpo_step(batch)
+        logps, counts = sequence_logps(rpo.policy, concatenated_inputs(batch, rpo.pad_id), chunk_size=64)
+    nll = -logps[:2].sum() / counts[:2].sum()  # the chosen rows, per token
+    assert "nll_loss" not in base
+    assert stats["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert stats["loss"].item() == pytest.approx(base["loss"].item() + 0.5 * nll.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOModule(str(tiny_models["llava"]), lora_r=4, lora_alpha=8, rpo_alpha=-1.0)
+
+
 def test_precomputed_reference_logps_give_the_same_loss(module):
     collator = PreferenceCollator(module.processor, max_length=None)
     batch = collator(pair_samples())

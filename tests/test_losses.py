@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spr_lightning.losses import DPO_LOSSES, dpo_loss
+from spr_lightning.losses import DPO_LOSSES, chosen_nll, dpo_loss
 
 # Δ = (π_c − ref_c) − (π_r − ref_r) = (−1 − (−3)) − (−5 − (−4)) = 2 − (−1) = 3
 PC, PR, RC, RR = torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), torch.tensor([-4.0])
@@ -76,3 +76,11 @@ def test_fp32_output_detached_rewards_and_gradient_sign(loss_type):
     losses.sum().backward()
     # Raising the chosen log-prob lowers every loss variant at Δ = 0.
     assert (pc.grad < 0).all()
+
+
+def test_chosen_nll_is_per_token_over_the_batch_not_per_sample():
+    # -6 nats over 3 tokens and -3 nats over 1 token: 9 / 4 per token (TRL's nll_loss); per sample it would be 2.5.
+    logps, lengths = torch.tensor([-6.0, -3.0]), torch.tensor([3, 1])
+    assert chosen_nll(logps, lengths).item() == pytest.approx(9.0 / 4.0)
+    assert chosen_nll(logps, lengths).item() != pytest.approx((2.0 + 3.0) / 2)
+    assert chosen_nll(torch.zeros(1), torch.zeros(1, dtype=torch.long)).item() == 0.0
