@@ -70,6 +70,14 @@ def test_results_tables_in_percent_with_signed_gains_and_no_pair_rows():
     assert "-10.0" in next(line for line in gains if line.startswith("| `loc_only`"))
 
 
+def test_ceiling_row_closes_the_accuracy_table_in_percent():
+    ceiling = dict(_metrics(1.0), **{"rec/acc@0.9": 0.407})
+    row = shapes.ceiling_row(ceiling)
+    assert row.startswith("\n| format ceiling |") and row.count("| 100.0") == len(shapes.METRICS) - 1
+    assert "| 40.7 |" in row
+    assert shapes.ceiling_row(None) == ""
+
+
 def test_pair_table_and_dpo_statistics(tmp_path):
     log = tmp_path / "metrics.csv"
     with log.open("w", newline="") as handle:
@@ -294,6 +302,8 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     for key in shapes.METRICS:
         assert shapes.metric_label(key) in text
     assert "no preference pairs" in text and "1 (1 without pairs)" in text
+    assert set(results["ceiling"]) == set(shapes.METRICS) and "| format ceiling |" in text
+    assert all(0.0 <= v <= 1.0 for v in results["ceiling"].values())
     assert "python -m spr_lightning validate --config" in text and "## Wall time" in text
     assert (out / "gain_vs_iou.png").stat().st_size > 0
     # a second run reuses every stage

@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from spr_lightning import quickstart
+from spr_lightning.experiments.format_ceiling import format_ceiling, read_predictions
 from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, clear_stage, reward_curves, run_cli, size_by_name
 
@@ -380,6 +381,14 @@ def format_results_table(aggregated: Mapping[str, Mapping[str, Any]], key: str =
     return "\n".join(lines)
 
 
+def ceiling_row(ceiling: Mapping[str, float] | None, metrics: Sequence[str] = METRICS) -> str:
+    """A last row for the accuracy table: the format ceiling (every target written exactly); ``""`` without one."""
+    if not ceiling:
+        return ""
+    cells = [f"{100 * ceiling[m]:.1f}" for m in metrics]
+    return "\n| format ceiling | ground truth as written | – | " + " | ".join(cells) + " |"
+
+
 #: Columns of :func:`pair_table`: statistic key, header, digits.
 PAIR_COLUMNS = (
     ("pairs", "pairs", 0), ("queries", "regions", 0), ("chosen_total", "S chosen", 3),
@@ -571,6 +580,20 @@ class ShapesExperiment:
                 metrics[arm].update(self.stage(arm_run, f"eval_{task}", evaluation, arm_scope))
         return metrics, pairs
 
+    def format_ceiling(self) -> dict[str, float] | None:
+        """What a model that writes every test target exactly reaches in the answer format (REC and phrase metrics,
+        :mod:`~spr_lightning.experiments.format_ceiling`), from the ``sft`` arm's predictions; ``None`` without them."""
+        run = self.arm_run(self.seeds[0], BASELINE)
+        coord_format = template_value("eval_rec.yaml", "model.init_args.coord_format")
+        ceiling: dict[str, float] = {}
+        for task, keys in (("rec", REC_METRICS), ("phrase", PHRASE_METRICS)):
+            predictions = run.path(f"eval_{task}", "predictions-rank0.jsonl")
+            if not predictions.is_file():
+                return None
+            reached = format_ceiling(read_predictions(predictions), coord_format, THRESHOLDS)
+            ceiling.update({key: reached[f"@{t:g}"] for key, t in zip(keys, THRESHOLDS)})
+        return ceiling
+
     def _pair_quality(self, seed: int, arm: str) -> dict[str, float]:
         """:func:`~spr_lightning.experiments.pair_quality.pair_quality` of an arm's pairs (cached beside them)."""
         run = self.arm_run(seed, arm)
@@ -629,6 +652,7 @@ class ShapesExperiment:
             for arm, values in stats.items():
                 pairs.setdefault(arm, {})[seed] = values
         return {
+            "ceiling": self.format_ceiling(),
             "size": self.size_name, "seeds": self.seeds, "arms": self.arms, "thresholds": list(THRESHOLDS),
             "coord_format": template_value("eval_rec.yaml", "model.init_args.coord_format"),
             "eval_samples": {"rec": self.size.rec_samples, "phrase": self.size.phrase_samples},
@@ -694,7 +718,7 @@ Values in percent, mean ± sample std over seeds. DPO (and the `sft_chosen` arm)
 
 ## Grounding accuracy
 
-{format_results_table(results['aggregate'], 'metrics')}
+{format_results_table(results['aggregate'], 'metrics')}{ceiling_row(results.get('ceiling'))}
 
 ## Gain over the SFT start (points, paired by seed)
 
