@@ -20,3 +20,15 @@ def write_result(out: str | None, result: Any) -> None:
     """Write ``result`` as JSON to ``out`` when it is given."""
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``predictions-rank*.jsonl`` (what ``validate`` writes); a bad line is an error naming it."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
+    return rows

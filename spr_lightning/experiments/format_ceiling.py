@@ -16,25 +16,25 @@ rows ``gt_boxes`` (per phrase, a list of boxes); both carry ``image_size``. Only
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.ops import box_iou
 
-from spr_lightning.coords import get_codec
-from spr_lightning.experiments._probe_cli import probe_parser, write_result
+from spr_lightning.coords import Codec, get_codec
+from spr_lightning.experiments._probe_cli import probe_parser, read_predictions, write_result
 
 __all__ = ["DEFAULT_THRESHOLDS", "format_ceiling", "main", "read_predictions", "written_box_iou"]
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def written_box_iou(box: Sequence[float], image_size: tuple[int, int], coord_format: str = "minigpt_v2") -> float:
-    """IoU between ``box`` and the same box encoded in ``coord_format`` and decoded again (1.0: no loss)."""
-    codec = get_codec(coord_format)
+def written_box_iou(box: Sequence[float], image_size: tuple[int, int],
+                    coord_format: str | Codec = "minigpt_v2") -> float:
+    """IoU between ``box`` and the same box encoded in ``coord_format`` (a name or a codec) and decoded again (1.0:
+    no loss)."""
+    codec = get_codec(coord_format) if isinstance(coord_format, str) else coord_format
     written = codec.decode(codec.encode(list(box), image_size), image_size)
     if len(written) != 1:
         raise ValueError(f"{coord_format} wrote {box} as {len(written)} boxes, expected one")
@@ -58,24 +58,13 @@ def _targets(row: dict[str, Any]) -> list[list[float]]:
 def format_ceiling(rows: Iterable[dict[str, Any]], coord_format: str = "minigpt_v2",
                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict[str, float]:
     """``{"n": targets, "mean_iou": ..., "@<t>": share of targets whose written box has IoU >= t}``."""
-    ious = [written_box_iou(box, tuple(row["image_size"]), coord_format) for row in rows for box in _targets(row)]
+    codec = get_codec(coord_format)
+    ious = [written_box_iou(box, tuple(row["image_size"]), codec) for row in rows for box in _targets(row)]
     if not ious:
         raise ValueError("no targets to score: the predictions file is empty")
     result = {"n": float(len(ious)), "mean_iou": sum(ious) / len(ious)}
     result.update({f"@{t:g}": sum(iou >= t for iou in ious) / len(ious) for t in thresholds})
     return result
-
-
-def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON lines of a ``predictions-rank*.jsonl``; a bad line is an error naming the file and line."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

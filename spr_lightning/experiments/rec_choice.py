@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torchvision.ops import box_iou
 
-from spr_lightning.experiments._probe_cli import probe_parser, write_result
+from spr_lightning.experiments._probe_cli import probe_parser, read_predictions, write_result
 
 __all__ = ["ATTRIBUTES", "format_choice", "load_world_objects", "main", "rec_choice"]
 
@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a box to be on an object")
     args = parser.parse_args(argv)
     refs, objects = load_world_objects(args.refcoco, args.instances)
-    with open(args.predictions, encoding="utf-8") as lines:
-        predictions = [json.loads(line) for line in lines if line.strip()]
-    result = rec_choice(predictions, refs, objects, iou_threshold=args.iou_threshold)
+    result = rec_choice(read_predictions(args.predictions), refs, objects, iou_threshold=args.iou_threshold)
     print(format_choice(result))
     write_result(args.out, result)
     return result
