@@ -107,9 +107,19 @@ def test_small_llava_tokenizer_keeps_digits_apart_and_words_whole():
     tokenizer = build_shapes_tokenizer()
     pieces = tokenizer.tokenize("A small red triangle [123, 456, 789, 999].")
     assert [p for p in pieces if p.isdigit()] == list("123456789999")
-    assert len(pieces) <= 24  # words and separators merged: about 17 tokens per box plus a few for words
+    assert pieces[:4] == ["A", "Ġsmall", "Ġred", "Ġtriangle"]
+    # a word is the same single token wherever it stands: in a question, a description, before punctuation
+    for text in ("Give the bounding box of the small red triangle.", "the red square left of the blue circle"):
+        assert "Ġred" in tokenizer.tokenize(text)
     assert tokenizer.decode(tokenizer("two large blue circles")["input_ids"], skip_special_tokens=True) == \
         "two large blue circles"
+
+
+def test_small_llava_tokenizer_without_word_split_merges_across_words():
+    from spr_lightning.tiny.small_llava import build_shapes_tokenizer
+
+    fused = build_shapes_tokenizer(split_words=False).tokenize("Give the bounding box of the small red triangle.")
+    assert "Ġred" not in fused and any("Ġ" in p.strip("Ġ") for p in fused)  # some token spans two words
 
 
 def test_small_llava_saves_and_loads_by_path(tmp_path):

@@ -13,10 +13,13 @@ Choices and why:
   a tenth of the image side, i.e. about one patch at 96 px / patch 12: colour is easy to see at that scale and
   the shape is still a few pixels wide. 8 x 8 = 64 image tokens keep sequences short.
 * **Tokenizer:** byte-level BPE (Llama-style, like the tiny one, built with the same special tokens and
-  LLaVA-1.5 chat template) but trained on the *SPR-Shapes* texts, with single digits and without the
-  word-splitting regex. Words and separators of the world (``" small red triangle ["``, ``", "``) become single
-  tokens while every coordinate digit stays its own token, so a Ferret box ``[123, 456, 789, 999]`` costs
-  about 17 tokens and a region description a few hundred at most: sequence length is the CPU cost.
+  LLaVA-1.5 chat template) but trained on the *SPR-Shapes* texts, with single digits. By default it splits
+  words first (GPT-2's pre-tokenization regex), so every word of the world is one token of its own:
+  ``" red"`` is the same token in a question, a description and a caption, and the model can learn what it
+  means once. Without that split (``split_words=False``, the tokenizer of sessions 1-12) BPE merges frequent
+  multi-word pieces (``"of the small red "``, ``"green square."``) into single tokens: shorter sequences, but
+  a colour or shape inside such a piece has to be learned separately for every piece it occurs in, and SFT
+  starts then barely bind the named colour to the image (``docs/results.md``, session 13).
 * **Text model:** a small Llama (``text_hidden`` wide, ``text_layers`` deep). Randomly initialised: SFT
   (:mod:`spr_lightning.sft`) teaches it the world; nothing here is pretrained or downloaded.
 """
@@ -83,13 +86,13 @@ def shapes_corpus(num_scenes: int = 120, seed: int = 7) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes_backend(vocab_size: int) -> str:
+def _shapes_backend(vocab_size: int, split_words: bool = True) -> str:
     tok = Tokenizer(models.BPE())
-    # Digits one by one (coarse-to-fine coordinates, a fixed cost per number); no word-splitting regex, so
-    # frequent multi-word pieces of the world's texts merge into single tokens.
+    # Digits one by one (coarse-to-fine coordinates, a fixed cost per number); with split_words, GPT-2's regex
+    # keeps every word (with its leading space) apart, so merges never cross a word boundary.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                 use_regex=False)]
+                                                                                 use_regex=split_words)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(LLAVA_SPECIAL_TOKENS),
@@ -105,13 +108,14 @@ def _shapes_backend(vocab_size: int) -> str:
 MINIGPT_V2_TOKENS = tuple(f"<{k}>" for k in range(101)) + ("<p>", "</p>", "<delim>")
 
 
-def build_shapes_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE,
-                           location_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+def build_shapes_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, location_tokens: Sequence[str] = (),
+                           split_words: bool = True) -> PreTrainedTokenizerFast:
     """The LLaVA-style tokenizer of the tiny models (same special tokens, chat template), trained on
     :func:`shapes_corpus`, plus ``location_tokens`` as whole tokens (e.g. :data:`MINIGPT_V2_TOKENS`: a
-    MiniGPT-v2 box ``{<12><40><33><61>}`` is then six tokens, each coordinate one 101-way choice)."""
+    MiniGPT-v2 box ``{<12><40><33><61>}`` is then six tokens, each coordinate one 101-way choice).
+    ``split_words=False`` lets BPE merge across words (the module docstring says why that is not the default)."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_shapes_backend(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_shapes_backend(vocab_size, split_words)),
         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=2048,
     )  # fmt: skip
@@ -141,6 +145,7 @@ def make_small_llava(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     vision_tower: str | Path | None = None,
     location_tokens: Sequence[str] = (),
+    split_words: bool = True,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build the small LLaVA (eval mode, float32, seeded random weights) and its processor in memory.
 
@@ -158,6 +163,7 @@ def make_small_llava(
             and shape (``image_size``, ``patch_size``, ``vision_hidden`` and ``vision_layers`` are then taken from
             it) and reads its last layer, which is the one that was pretrained.
         location_tokens: extra whole tokens of the coordinate format (see :func:`build_shapes_tokenizer`).
+        split_words: keep words apart in the tokenizer (see :func:`build_shapes_tokenizer`).
     """
     tower = None
     if vision_tower is not None:
@@ -168,7 +174,7 @@ def make_small_llava(
         image_size, patch_size = vision.image_size, vision.patch_size
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    tokenizer = build_shapes_tokenizer(vocab_size, location_tokens)
+    tokenizer = build_shapes_tokenizer(vocab_size, location_tokens, split_words)
     if tower is None:
         vision = small_vision_config(image_size, patch_size, vision_hidden, vision_layers)
     heads = max(2, text_hidden // 32)
