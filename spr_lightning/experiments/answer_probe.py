@@ -8,9 +8,9 @@ target token says: a colour, a shape or a size word of SPR-Shapes, a coordinate 
 model read an object's attributes off the image (colour/shape accuracy in region descriptions), and does it find the
 object a phrase names (coordinate accuracy after the phrase)? Run it on the training file and on the test file: a
 large gap is memorisation, equal low numbers are a skill not learned. With one word per token, chance is 1/8 for a
-colour and 1/6 for a shape; the quickstart's tokenizer merges some frequent word pairs (``"redĠdiamond"``,
-``"AĠlargeĠ"``), and such a token counts for every kind it contains, so compare models (and train with test) rather
-than with chance.
+colour and 1/6 for a shape, as with the quickstart's tokenizer now; models built with
+``split_words=False`` (before session 13) merge frequent word pairs (``"redĠdiamond"``, ``"AĠlargeĠ"``), and such a
+token counts for every kind it contains, so for them compare models (and train with test) rather than with chance.
 """
 
 from __future__ import annotations
