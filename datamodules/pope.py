@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.grounding import _GroundingDataModule
+from spr_lightning.jsonl import parse_json_lines
 
 __all__ = ["POPEDataModule", "POPEDataset", "load_pope_questions"]
 
@@ -30,14 +31,7 @@ def _read_lines(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return json.loads(text)
-    out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not JSON: {error}") from None
-    return out
+    return parse_json_lines(text, path)
 
 
 def load_pope_questions(path: str | Path, split: str) -> list[dict[str, Any]]:

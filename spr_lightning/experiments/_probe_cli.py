@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spr_lightning.jsonl import read_json_lines
+
 
 def probe_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser named after the module, its docstring as help, and ``--out`` (the result as JSON)."""
@@ -24,11 +26,4 @@ def write_result(out: str | None, result: Any) -> None:
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``predictions-rank*.jsonl`` (what ``validate`` writes); a bad line is an error naming it."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
-    return rows
+    return read_json_lines(path)
