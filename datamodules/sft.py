@@ -10,7 +10,7 @@ scores. Labels are ``-100`` everywhere but the assistant's answer and its end-of
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,68 @@ class EpochSampler(DistributedSampler):
         return super().__iter__()
 
 
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled batches of similar length, so padding stops doubling the work (HF ``group_by_length``'s idea).
+
+    Each epoch: a permutation seeded by ``(seed, epoch)``, cut into mega-batches of ``group_size`` global batches
+    (``batch_size * num_replicas`` samples), each sorted by ``lengths`` (longest first) and cut into global batches;
+    the global batches are then shuffled, and each rank takes every ``num_replicas``-th sample of every global
+    batch, so all ranks step through batches of about the same length. The last global batch is filled by
+    repeating samples from the start, as ``DistributedSampler`` does, so every rank gets the same count. (It is a
+    ``DistributedSampler`` so that Lightning uses it as it is instead of wrapping it in one more split by rank.)
+
+    Batch composition changes with it: on SPR-Shapes a batch is then mostly one task (short REC answers or long
+    region descriptions), and the loss (mean over a batch's answer tokens) weighs short-answer batches as much as
+    long ones. With a random order a long description dominates its mixed batch's token mean instead.
+
+    Args:
+        lengths: a size per sample (any unit; the quickstart uses prompt + answer characters).
+        batch_size: samples per batch per rank (the ``DataLoader``'s ``batch_size`` must be the same).
+        group_size: global batches per sorted mega-batch; larger groups pad less but order less randomly.
+        num_replicas: ranks; ``rank`` this one.
+        seed: base of the per-epoch shuffle.
+        epoch_fn: returns the epoch each time one starts (see :class:`EpochSampler` for why not ``set_epoch``).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, group_size: int = 50, num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0, epoch_fn: Callable[[], int] | None = None) -> None:
+        if batch_size < 1 or group_size < 1:
+            raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        if not lengths:
+            raise ValueError("LengthGroupedSampler needs at least one sample")
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths = list(lengths)
+        self.batch_size, self.group_size = batch_size, group_size
+        self.epoch_fn = epoch_fn
+        global_batch = batch_size * num_replicas
+        self.num_global_batches = -(-len(self.lengths) // global_batch)
+
+    def __len__(self) -> int:
+        return self.num_global_batches * self.batch_size
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches (every rank's samples), in the order they are stepped through."""
+        if self.epoch_fn is not None:
+            self.epoch = self.epoch_fn()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        global_batch = self.batch_size * self.num_replicas
+        total = self.num_global_batches * global_batch
+        order += (order * (total // len(order) + 1))[: total - len(order)]
+        batches = []
+        for start in range(0, total, global_batch * self.group_size):
+            mega = sorted(order[start : start + global_batch * self.group_size], key=lambda i: -self.lengths[i])
+            batches += [mega[k : k + global_batch] for k in range(0, len(mega), global_batch)]
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[k] for k in shuffle]
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.global_batches():
+            yield from batch[self.rank :: self.num_replicas]
+
+
 class SFTDataModule(LightningDataModule):
     """Grounded chat samples for :class:`spr_lightning.sft.SFTModule`.
 
@@ -185,6 +247,10 @@ class SFTDataModule(LightningDataModule):
         max_length: maximum prompt + answer tokens; answers are cut from their end, a longer prompt is an error.
         shuffle: shuffle training samples (a permutation per epoch, seeded by ``(seed, epoch)``).
         seed: shuffle seed.
+        group_by_length: train on shuffled batches of similar length (:class:`LengthGroupedSampler`; length =
+            prompt + answer characters) instead of a plain shuffle: far less padding when answers vary in length
+            (on the quickstart's SPR-Shapes mix a random batch is 1.7x its real tokens, a grouped one 1.01x).
+        length_group_size: batches per sorted group of :class:`LengthGroupedSampler`.
     """
 
     def __init__(
@@ -198,6 +264,8 @@ class SFTDataModule(LightningDataModule):
         max_length: int | None = 2048,
         shuffle: bool = True,
         seed: int = 0,
+        group_by_length: bool = False,
+        length_group_size: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -228,11 +296,17 @@ class SFTDataModule(LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None and shuffle else None
-        sampler = EpochSampler(self.datasets[split], num_replicas=world, rank=rank, shuffle=shuffle,
-                               seed=self.hparams.seed, epoch_fn=epoch_fn)
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
-                          persistent_workers=self.hparams.num_workers > 0)
+        dataset, hp = self.datasets[split], self.hparams
+        sampler: DistributedSampler
+        if shuffle and hp.group_by_length:
+            lengths = [len(r["prompt"]) + len(r["answer"]) for r in dataset.records]
+            sampler = LengthGroupedSampler(lengths, hp.batch_size, group_size=hp.length_group_size,
+                                           num_replicas=world, rank=rank, seed=hp.seed, epoch_fn=epoch_fn)
+        else:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
+                                   epoch_fn=epoch_fn)
+        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          collate_fn=self.collator, persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.hparams.shuffle)

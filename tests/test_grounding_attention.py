@@ -137,6 +137,20 @@ def test_loss_is_mean_negative_log_mass_on_the_targets():
     assert grounding_attention_loss(attention, [], head=0).item() == 0.0
 
 
+def test_batched_loss_matches_query_by_query_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    attention = torch.rand(3, 2, 9, 9, generator=generator).softmax(-1).requires_grad_(True)
+    queries = [BoxQuery(row, int(torch.randint(9, (1,), generator=generator)),
+                        torch.randperm(9, generator=generator)[: int(torch.randint(1, 5, (1,), generator=generator))])
+               for row in (0, 0, 1, 2, 2, 2)]
+    reference = -torch.log(torch.stack([attention[q.row, 1, q.query, q.targets].sum() for q in queries])).mean()
+    (expected,) = torch.autograd.grad(reference, attention)
+    loss = grounding_attention_loss(attention, queries, head=1)
+    (got,) = torch.autograd.grad(loss, attention)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(got, expected, atol=1e-6) and got.abs().sum() > 0
+
+
 def test_a_tokenizer_without_location_tokens_is_refused():
     class Plain:
         def __len__(self):
