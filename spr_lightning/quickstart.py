@@ -107,7 +107,7 @@ SIZES: dict[str, QuickstartSize] = {
         world={"train": 3000, "val": 200, "test": 300},
         vision=VISION_96, vision_steps=3000, vision_scenes=8000, model={"text_hidden": 128, "text_layers": 2},
         warmup={1: 3000, 3: 3000, 6: 3000},
-        clip_steps=1000, sft_steps=16000, generate_images=600, dpo_epochs=1, rec_samples=1000, phrase_samples=300,
+        clip_steps=1000, sft_steps=20000, generate_images=600, dpo_epochs=1, rec_samples=1000, phrase_samples=300,
     ),
 }
 

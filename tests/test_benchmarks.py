@@ -80,3 +80,11 @@ def test_bench_pipeline_toy_run(tmp_path):
                                             "localization_loop"}
     assert result["scoring"]["candidates"] == 16
     assert "| semantic |" in proc.stdout and "| localization |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_sft_step_toy_run():
+    proc = run_script("bench_sft_step", "--images", "6", "--rounds", "1", "--warmup", "0", "--threads", "1")
+    for provider in ("random+ga_per_query", "random+ga", "grouped+ga_per_query", "grouped+ga"):
+        assert f"| {provider} |" in proc.stdout
+    assert "| random+ga_per_query |" in proc.stdout and "1.00x |" in proc.stdout
