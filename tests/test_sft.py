@@ -231,11 +231,15 @@ def test_full_finetune_step_keeps_the_tower_and_exports_the_whole_model(tiny_mod
     assert all(torch.equal(state[name], p) for name, p in module.policy.state_dict().items())
 
 
-def test_resume_from_last_checkpoint_continues_the_same_curve(tiny_models, tmp_path, one_thread):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_from_last_checkpoint_continues_the_same_curve(group_by_length, tiny_models, tmp_path, one_thread):
     jsonl = write_sft_world(tmp_path / "world")
 
     def fit(out, *extra):
         cli_main(["fit", "--config", str(CONFIG), f"--data.init_args.train_file={jsonl}",
+                  # groups of one batch: which samples share a batch then changes with the epoch, as in a real run
+                  f"--data.init_args.group_by_length={str(group_by_length).lower()}",
+                  "--data.init_args.length_group_size=1",
                   "--data.init_args.batch_size=2", f"--model.init_args.model_name_or_path={tiny_models['llava']}",
                   "--trainer.max_steps=8",
                   f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
