@@ -35,7 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info  # noqa: E402
 
 import spr_lightning.sft as sft_module  # noqa: E402
-from datamodules.sft import LengthGroupedSampler, SFTCollator, SFTDataset, read_sft_jsonl  # noqa: E402
+from datamodules.sft import (  # noqa: E402
+    LengthGroupedSampler,
+    SFTCollator,
+    SFTDataset,
+    read_sft_jsonl,
+    sample_lengths,
+)
 from spr_lightning.grounding_attention import grounding_attention_loss  # noqa: E402
 
 
@@ -68,8 +74,7 @@ def loss_with(loss_fn: Any, module: Any, batch: dict[str, Any]) -> float:
 def batch_orders(records: list[dict[str, Any]], batch_size: int, rounds: int, seed: int) -> dict[str, list[list[int]]]:
     rng = random.Random(seed)
     plain = [rng.sample(range(len(records)), batch_size) for _ in range(rounds)]
-    lengths = [len(r["prompt"]) + len(r["answer"]) for r in records]
-    order = list(LengthGroupedSampler(lengths, batch_size, seed=seed))
+    order = list(LengthGroupedSampler(sample_lengths(records), batch_size, seed=seed))
     grouped = [order[k * batch_size : (k + 1) * batch_size] for k in range(rounds)]
     return {"random": plain, "grouped": grouped}
 

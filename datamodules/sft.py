@@ -171,6 +171,12 @@ class EpochSampler(DistributedSampler):
         return super().__iter__()
 
 
+def sample_lengths(records: list[dict[str, Any]]) -> list[int]:
+    """Prompt + answer characters per record: the size :class:`LengthGroupedSampler` groups by (cheap, no
+    tokenizer; a fixed-size image adds the same token count to every row)."""
+    return [len(r["prompt"]) + len(r["answer"]) for r in records]
+
+
 class LengthGroupedSampler(DistributedSampler):
     """Shuffled batches of similar length, so padding stops doubling the work (HF ``group_by_length``'s idea).
 
@@ -299,9 +305,9 @@ class SFTDataModule(LightningDataModule):
         dataset, hp = self.datasets[split], self.hparams
         sampler: DistributedSampler
         if shuffle and hp.group_by_length:
-            lengths = [len(r["prompt"]) + len(r["answer"]) for r in dataset.records]
-            sampler = LengthGroupedSampler(lengths, hp.batch_size, group_size=hp.length_group_size,
-                                           num_replicas=world, rank=rank, seed=hp.seed, epoch_fn=epoch_fn)
+            sampler = LengthGroupedSampler(sample_lengths(dataset.records), hp.batch_size,
+                                           group_size=hp.length_group_size, num_replicas=world, rank=rank,
+                                           seed=hp.seed, epoch_fn=epoch_fn)
         else:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed,
                                    epoch_fn=epoch_fn)
