@@ -149,7 +149,8 @@ def test_localization_score_triton_empty_and_unbatched(device: str) -> None:
     for g, p in ((torch.zeros(0, 4), pred), (gt, torch.zeros(0, 4)), (torch.zeros(2, 0, 4), torch.zeros(2, 3, 4))):
         tri, ref = both(kernels.localization_score, g, p, device=device)
         assert torch.equal(tri, ref) and not tri.any()
-    assert kernels.localization_score(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4), backend="triton").shape == (0,)
+    empty = torch.zeros(0, 3, 4, device=device)
+    assert kernels.localization_score(empty, empty, backend="triton").shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)

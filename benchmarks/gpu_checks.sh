@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, as one script: the `gpu` tests, then the kernel benchmark with its
+# Triton row. Made for a lent GPU machine that has torch/triton/lightning but not this project's other
+# dependencies: put their wheels in .whl/ first (see benchmarks/README.md, "CUDA"). Logs go to $OUT
+# (or ./gpu_checks_out when OUT is unset).
+set -o pipefail
+OUT=${OUT:-gpu_checks_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    rm -rf /tmp/site  # a warm machine keeps the last call's install
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import sys, torch, triton, transformers, peft, open_clip, lightning; \
+print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'open_clip', open_clip.__version__, 'lightning', \
+lightning.__version__, 'cuda', torch.cuda.is_available())"
+    nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+# Only the files holding `gpu` tests, so a module needing a dev-only package (trl) cannot stop collection.
+timeout "${GPU_TEST_TIMEOUT:-360}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" \
+    tests/test_kernels_triton.py tests/test_localization.py tests/test_metrics.py tests/test_rewarding.py \
+    tests/test_semantic.py tests/test_quickstart.py 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=$?
+
+[ -n "$SKIP_BENCH" ] && exit $tests_rc
+python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log"
+python3 benchmarks/bench_kernels.py --batch 4096 --n 64 --m 64 2>&1 | tee "$OUT/bench_kernels_large.log"
+exit $tests_rc
