@@ -98,6 +98,16 @@ def test_pair_table_and_dpo_statistics(tmp_path):
     assert "| 10 | – |" in next(line for line in table.splitlines() if line.startswith("| `sft_chosen`"))
 
 
+def test_audit_section_averages_the_seeds():
+    one = {"queries": 10.0, "sem_spread": 0.5, "loc_spread": 0.1, "rho_sem_on_object": 0.0, "rho_sem_names_region": 0.2,
+           "rho_loc_on_object": 0.4, "rho_loc_names_region": 0.6, "on_object_mean": 0.2, "on_object_best": 0.4,
+           "lam0_pairs": 1.0, "lam0_better": 0.6, "lam0_worse": 0.2, "lam0_gap": 0.1}
+    two = {**one, "sem_spread": 0.7, "lam0_better": 0.8}
+    text = shapes._audit_section({"0": one, "1": two})
+    assert "| S_sem | 0.600 | +0.000 | +0.200 |" in text and "| 0 | 100.0% | 70.0% | 20.0% | +10.0 |" in text
+    assert "did not run" in shapes._audit_section({})
+
+
 def test_plot_gains_writes_a_png(tmp_path):
     out = shapes.aggregate({"sft": {0: _metrics(0.5), 1: _metrics(0.6)}, "spr": {0: _metrics(0.6), 1: None}})
     png = shapes.plot_gains(out, tmp_path / "gain.png")
@@ -306,6 +316,9 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(0.0 <= v <= 1.0 for v in results["ceiling"].values())
     assert "python -m spr_lightning validate --config" in text and "## Wall time" in text
     assert (out / "gain_vs_iou.png").stat().st_size > 0
+    # the reward audit of the spr arm's candidates: seed 0 only (seed 1 made no pairs)
+    assert set(results["reward_audit"]) == {"0"} and results["reward_audit"]["0"]["queries"] > 0
+    assert "### Reward audit" in text and "| S_loc |" in text
     # a second run reuses every stage
     capsys.readouterr()
     shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])

@@ -54,6 +54,7 @@ import yaml
 from spr_lightning import quickstart
 from spr_lightning.experiments.format_ceiling import format_ceiling, read_predictions
 from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
+from spr_lightning.experiments.reward_audit import format_audit, reward_audit
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, clear_stage, reward_curves, run_cli, size_by_name
 
 __all__ = [
@@ -604,6 +605,19 @@ class ShapesExperiment:
             cache.write_text(json.dumps(summary, indent=1), encoding="utf-8")
         return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items() if k != "pairs"}
 
+    def _reward_audit(self, seed: int) -> dict[str, float] | None:
+        """:func:`~spr_lightning.experiments.reward_audit.reward_audit` of the ``spr`` arm's pairs (cached beside
+        them); ``None`` when that arm made none."""
+        run = self.arm_run(seed, "spr")
+        pairs, cache = run.path("score", "pairs"), run.path("score", "reward_audit.json")
+        if not cache.is_file():
+            if not any(pairs.glob("*.tar")):
+                return None
+            annotations = run.path("world", "annotations", "instances_train.json")
+            summary = reward_audit(pairs, run.path("generate", "candidates"), annotations, quickstart.COORD_FORMAT)
+            cache.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items()}
+
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
         return self.stage(self.arm_run(seed, arm), "score", _stage_score, f"seed {seed} / {arm}")
 
@@ -645,12 +659,15 @@ class ShapesExperiment:
             self.stage(shared, stage, fn if self.sft_start is None else _never_run, "shared")
         per_seed: dict[str, dict[int, dict[str, float] | None]] = {arm: {} for arm in self.arms}
         pairs: dict[str, dict[int, dict[str, float]]] = {}
+        audits: dict[int, dict[str, float]] = {}
         for seed in self.seeds:
             metrics, stats = self.run_seed(seed)
             for arm, values in metrics.items():
                 per_seed[arm][seed] = values
             for arm, values in stats.items():
                 pairs.setdefault(arm, {})[seed] = values
+            if "spr" in self.arms and (audit := self._reward_audit(seed)) is not None:
+                audits[seed] = audit
         return {
             "ceiling": self.format_ceiling(),
             "size": self.size_name, "seeds": self.seeds, "arms": self.arms, "thresholds": list(THRESHOLDS),
@@ -660,7 +677,7 @@ class ShapesExperiment:
             "dpo_lr": self.dpo_lr if self.dpo_lr is not None else _dpo_setting("lr"),
             "dpo_epochs": self.size.dpo_epochs,
             "arm_definitions": {a: {"paper": ARMS[a].paper, "description": ARMS[a].description} for a in self.arms},
-            "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs,
+            "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs, "reward_audit": audits,
             "timings": [vars(t) for t in self.timings.values()],
             "wall_time_s": round(time.perf_counter() - start, 1),
             "stage_time_s": round(sum(t.seconds for t in self.timings.values()), 1), "cpu_count": _cpu_count(),
@@ -695,12 +712,22 @@ def _cpu_count() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _audit_section(audits: Mapping[Any, Mapping[str, float]]) -> str:
+    """:func:`format_audit` of the per-seed reward audits' key-wise mean."""
+    if not audits:
+        return "No audit: the `spr` arm did not run or made no pairs."
+    keys = set.intersection(*(set(a) for a in audits.values()))
+    ordered = [k for k in next(iter(audits.values())) if k in keys]
+    return format_audit({k: statistics.fmean(a[k] for a in audits.values()) for k in ordered})
+
+
 def write_report(results: Mapping[str, Any], out: Path, command: str) -> str:
     """Write ``results.json``, ``gain_vs_iou.png`` and ``results.md`` into ``out``; returns the markdown."""
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     png = plot_gains(results["aggregate"], out / "gain_vs_iou.png")
     arms = "\n".join(f"- `{a}` ({d['paper']}): {d['description']}" for a, d in results["arm_definitions"].items())
     seeds = ", ".join(str(s) for s in results["seeds"])
+    audit = _audit_section(results.get("reward_audit") or {})
     start_note = ""
     if results.get("sft_start"):
         start_note = (f" Every seed starts from the SFT model of `{results['sft_start']}`: seeds vary the SPR stages "
@@ -736,6 +763,15 @@ answers of the `spr` pairs (its "pairs" column counts them). Checked against the
 of pairs whose chosen answer has a larger / smaller such share than the rejected one.
 
 {pair_table(results['pairs'])}
+
+### Reward audit
+
+Every candidate of the `spr` arm's queries, its S_sem and S_loc against the annotations
+(`spr_lightning.experiments.reward_audit`), mean over seeds: how widely each score varies among one query's
+candidates, how well it ranks them by boxes on objects and by naming the region's objects (Spearman ρ), and the
+pairs each λ would make from the same scores.
+
+{audit}
 
 ## Arms
 
