@@ -1,0 +1,58 @@
+"""One-off probe (docs/results.md, "The reward decides by S_sem"): does DPO on *box precision alone* move the
+strict IoU thresholds?
+
+SPR pairs its best description with its worst, so the two sides differ in which objects they name and where. Here
+each pair is one description against itself: chosen = the score stage's refined answer (boxes that match an
+annotation at IoU > 0.5 snapped to it), rejected = the same answer as the policy wrote it (``chosen_raw``). Only
+the snapped coordinate tokens differ, so the preference says "these boxes, exactly" and nothing else. Pairs where
+refinement changed nothing are dropped. The image, prompt and scores are copied from the input pair. Run by hand,
+not part of the package:
+
+    python docs/results/probes/precision_pairs.py PAIRS_DIR OUT_DIR
+
+then train and evaluate on OUT_DIR as on any pair folder (e.g. put it in place of an experiment arm's
+``score/pairs``, keeping that stage's ``DONE``, and rerun the experiment command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from datamodules.preference import expand_urls
+from spr_lightning.experiments.pair_quality import pair_samples
+from spr_lightning.shards import append_manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pairs", help="a score stage's pairs folder (records with chosen and chosen_raw)")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "pairs-r000-000000.tar"
+    partial = args.out / (name + ".partial")
+    keys, unchanged = [], 0
+    with tarfile.open(partial, "w") as tar:
+        for _, key, members in pair_samples(expand_urls(args.pairs)):
+            record = json.loads(members["json"])
+            if record["chosen"] == record.get("chosen_raw", record["chosen"]):
+                unchanged += 1
+                continue
+            record["rejected"] = record["chosen_raw"]
+            for extension, data in (("json", json.dumps(record).encode()), ("jpg", members["jpg"])):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            keys.append(key)
+    os.replace(partial, args.out / name)
+    append_manifest(args.out, 0, name, keys)
+    print(f"{len(keys)} precision pairs, {unchanged} pairs whose refinement changed nothing; {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()
