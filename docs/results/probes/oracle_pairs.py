@@ -16,17 +16,15 @@ REC on this policy". Run by hand, not part of the package:
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import tarfile
 from pathlib import Path
 
+from callbacks import ShardWriter
 from datamodules.preference import expand_urls
 from spr_lightning.coords import get_codec
 from spr_lightning.experiments.pair_quality import answer_quality, load_objects, pair_samples
 from spr_lightning.scoring.refine import refine_description
-from spr_lightning.shards import SCHEMA_VERSION, append_manifest
+from spr_lightning.shards import SCHEMA_VERSION
 
 
 def oracle_pair(record: dict, objects: list) -> tuple[int, int, list[float]] | None:
@@ -51,41 +49,32 @@ def main() -> None:
     parser.add_argument("--refine", action="store_true", help="snap the chosen answer's boxes to the annotations")
     args = parser.parse_args()
     objects = load_objects(args.instances)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "pairs-r000-000000.tar"
-    partial = args.out / (name + ".partial")
-    keys, ties = [], 0
-    with tarfile.open(partial, "w") as tar:
-        for _, key, members in pair_samples(expand_urls(args.candidates)):
-            record = json.loads(members["json"])
-            picked = oracle_pair(record, objects[record["image_id"]])
-            if picked is None:
+    writer = ShardWriter(args.out, prefix="pairs", samples_per_shard=10000).start()
+    ties = 0
+    for _, key, members in pair_samples(expand_urls(args.candidates)):
+        record = json.loads(members["json"])
+        picked = oracle_pair(record, objects[record["image_id"]])
+        if picked is None:
+            ties += 1
+            continue
+        best, worst, scores = picked
+        chosen = record["candidates"][best]
+        if args.refine:
+            annotated = [box for _, box in objects[record["image_id"]]]
+            chosen = refine_description(chosen, get_codec(record["coord_format"]), tuple(record["image_size"]),
+                                        annotated, anno_boxes=annotated, region=record["region"],
+                                        keep_unmatched=True).text
+            if chosen == record["candidates"][worst]:
                 ties += 1
                 continue
-            best, worst, scores = picked
-            chosen = record["candidates"][best]
-            if args.refine:
-                annotated = [box for _, box in objects[record["image_id"]]]
-                chosen = refine_description(chosen, get_codec(record["coord_format"]), tuple(record["image_size"]),
-                                            annotated, anno_boxes=annotated, region=record["region"],
-                                            keep_unmatched=True).text
-                if chosen == record["candidates"][worst]:
-                    ties += 1
-                    continue
-            pair = {field: record[field] for field in ("query_id", "image_id", "image_size", "region", "prompt",
-                                                        "coord_format")}
-            pair.update(schema=SCHEMA_VERSION, chosen=chosen,
-                        rejected=record["candidates"][worst], chosen_raw=record["candidates"][best],
-                        scores={"chosen": {"total": scores[best]}, "rejected": {"total": scores[worst]}})
-            for extension, data in (("json", json.dumps(pair).encode()), ("jpg", members["jpg"])):
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            keys.append(key)
-    os.replace(partial, args.out / name)
-    append_manifest(args.out, 0, name, keys)
-    print(f"{len(keys)} oracle pairs, {ties} regions whose candidates all tie; {args.out / name}")
-
+        pair = {field: record[field] for field in ("query_id", "image_id", "image_size", "region", "prompt",
+                                                    "coord_format")}
+        pair.update(schema=SCHEMA_VERSION, chosen=chosen,
+                    rejected=record["candidates"][worst], chosen_raw=record["candidates"][best],
+                    scores={"chosen": {"total": scores[best]}, "rejected": {"total": scores[worst]}})
+        writer.write_sample({"__key__": key, "json": json.dumps(pair).encode(), "jpg": members["jpg"]})
+    writer.finish()
+    print(f"{writer.samples_written} oracle pairs, {ties} regions whose candidates all tie; {args.out}")
 
 if __name__ == "__main__":
     main()

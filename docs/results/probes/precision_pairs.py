@@ -17,15 +17,12 @@ then train and evaluate on OUT_DIR as on any pair folder (e.g. put it in place o
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import tarfile
 from pathlib import Path
 
+from callbacks import ShardWriter
 from datamodules.preference import expand_urls
 from spr_lightning.experiments.pair_quality import pair_samples
-from spr_lightning.shards import append_manifest
 
 
 def main() -> None:
@@ -33,26 +30,17 @@ def main() -> None:
     parser.add_argument("pairs", help="a score stage's pairs folder (records with chosen and chosen_raw)")
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "pairs-r000-000000.tar"
-    partial = args.out / (name + ".partial")
-    keys, unchanged = [], 0
-    with tarfile.open(partial, "w") as tar:
-        for _, key, members in pair_samples(expand_urls(args.pairs)):
-            record = json.loads(members["json"])
-            if record["chosen"] == record.get("chosen_raw", record["chosen"]):
-                unchanged += 1
-                continue
-            record["rejected"] = record["chosen_raw"]
-            for extension, data in (("json", json.dumps(record).encode()), ("jpg", members["jpg"])):
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            keys.append(key)
-    os.replace(partial, args.out / name)
-    append_manifest(args.out, 0, name, keys)
-    print(f"{len(keys)} precision pairs, {unchanged} pairs whose refinement changed nothing; {args.out / name}")
-
+    writer = ShardWriter(args.out, prefix="pairs", samples_per_shard=1000).start()
+    unchanged = 0
+    for _, key, members in pair_samples(expand_urls(args.pairs)):
+        record = json.loads(members["json"])
+        if record["chosen"] == record.get("chosen_raw", record["chosen"]):
+            unchanged += 1
+            continue
+        record["rejected"] = record["chosen_raw"]
+        writer.write_sample({"__key__": key, "json": json.dumps(record).encode(), "jpg": members["jpg"]})
+    writer.finish()
+    print(f"{writer.samples_written} precision pairs, {unchanged} pairs whose refinement changed nothing; {args.out}")
 
 if __name__ == "__main__":
     main()
