@@ -31,8 +31,8 @@ from torchvision.ops import box_iou
 from spr_lightning.coords import get_codec
 from spr_lightning.shards import ShardFormatError, tar_samples
 
-__all__ = ["SIDES", "AnswerQuality", "answer_quality", "format_quality", "iter_pairs", "load_objects", "main",
-           "pair_quality", "pair_samples"]
+__all__ = ["SIDES", "AnswerQuality", "answer_quality", "format_quality", "iter_pairs", "iter_records", "load_objects",
+           "main", "pair_quality", "pair_samples"]
 
 SIDES = ("chosen_raw", "chosen", "rejected")
 
@@ -89,16 +89,25 @@ def pair_samples(shards: Iterable[str]) -> Iterator[tuple[str, str, dict[str, by
             yield shard, key, members
 
 
-def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The JSON record of every pair in the complete shards of ``pairs_dir``, each key once, as DPO reads them."""
+def iter_records(folder: str | Path, kind: str = "pair") -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(shard, key, JSON record)`` of every sample in the complete shards of ``folder``, each key once, as DPO
+    reads them; ``kind`` ("pair", "candidate") names the shards in the error when there are none."""
     from datamodules.preference import expand_urls
 
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{kind} shard folder {folder} does not exist")
     try:
-        shards = expand_urls(str(pairs_dir))
+        shards = expand_urls(str(folder))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"no *.tar pair shards in {pairs_dir}") from err
-    for _, _, members in pair_samples(shards):
-        yield json.loads(members["json"])
+        raise FileNotFoundError(f"no *.tar {kind} shards in {folder}") from err
+    for shard, key, members in pair_samples(shards):
+        yield shard, key, json.loads(members["json"])
+
+
+def iter_pairs(pairs_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The JSON record of every pair in the complete shards of ``pairs_dir``, each key once, as DPO reads them."""
+    for _, _, record in iter_records(pairs_dir, "pair"):
+        yield record
 
 
 def pair_quality(pairs_dir: str | Path, annotations: str | Path, coord_format: str = "minigpt_v2",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from spr_lightning.coords import get_codec
-from spr_lightning.experiments.pair_quality import answer_quality, iter_pairs, load_objects, pair_samples
+from spr_lightning.experiments.pair_quality import answer_quality, iter_pairs, iter_records, load_objects
 from spr_lightning.rewarding import combine_scores, select_pair
 from spr_lightning.shards import ShardFormatError
 
@@ -74,17 +74,8 @@ def names_region(text: str, labels: Sequence[str], image_size: tuple[int, int], 
 
 def read_candidates(candidates_dir: str | Path) -> dict[str, dict[str, Any]]:
     """``{query_id: candidate record}`` of the complete candidate shards in ``candidates_dir``."""
-    from datamodules.preference import expand_urls
-
-    if not Path(candidates_dir).is_dir():
-        raise FileNotFoundError(f"candidate shard folder {candidates_dir} does not exist")
-    try:
-        shards = expand_urls(str(candidates_dir))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no *.tar candidate shards in {candidates_dir}") from err
     records = {}
-    for shard, key, members in pair_samples(shards):
-        record = json.loads(members["json"])
+    for shard, key, record in iter_records(candidates_dir, "candidate"):
         if not isinstance(record.get("candidates"), list):
             raise ShardFormatError(f"{shard}: sample {key!r} has no 'candidates' list (not a candidate shard?)")
         records[record.get("query_id", key)] = record

@@ -598,25 +598,21 @@ class ShapesExperiment:
     def _pair_quality(self, seed: int, arm: str) -> dict[str, float]:
         """:func:`~spr_lightning.experiments.pair_quality.pair_quality` of an arm's pairs (cached beside them)."""
         run = self.arm_run(seed, arm)
-        cache = run.path("score", "pair_quality.json")
-        if not cache.is_file():
-            annotations = run.path("world", "annotations", "instances_train.json")
-            summary = pair_quality(run.path("score", "pairs"), annotations, quickstart.COORD_FORMAT)
-            cache.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items() if k != "pairs"}
+        annotations = run.path("world", "annotations", "instances_train.json")
+        summary = _cached_summary(run.path("score", "pair_quality.json"), lambda: pair_quality(
+            run.path("score", "pairs"), annotations, quickstart.COORD_FORMAT))
+        return {k: v for k, v in summary.items() if k != "pairs"}
 
     def _reward_audit(self, seed: int) -> dict[str, float] | None:
         """:func:`~spr_lightning.experiments.reward_audit.reward_audit` of the ``spr`` arm's pairs (cached beside
         them); ``None`` when that arm made none."""
         run = self.arm_run(seed, "spr")
         pairs, cache = run.path("score", "pairs"), run.path("score", "reward_audit.json")
-        if not cache.is_file():
-            if not any(pairs.glob("*.tar")):
-                return None
-            annotations = run.path("world", "annotations", "instances_train.json")
-            summary = reward_audit(pairs, run.path("generate", "candidates"), annotations, quickstart.COORD_FORMAT)
-            cache.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items()}
+        if not cache.is_file() and not any(pairs.glob("*.tar")):
+            return None
+        annotations = run.path("world", "annotations", "instances_train.json")
+        return _cached_summary(cache, lambda: reward_audit(pairs, run.path("generate", "candidates"), annotations,
+                                                           quickstart.COORD_FORMAT))
 
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
         return self.stage(self.arm_run(seed, arm), "score", _stage_score, f"seed {seed} / {arm}")
@@ -710,6 +706,13 @@ def _stage_commands(timings: Sequence[Mapping[str, Any]]) -> list[str]:
 def _cpu_count() -> int | None:
     """CPU cores this process may use (the affinity mask: a container's limit, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _cached_summary(cache: Path, compute: Callable[[], Mapping[str, float]]) -> dict[str, float]:
+    """``compute()``'s numbers, written to ``cache`` the first time and read back from it after (a resumed run)."""
+    if not cache.is_file():
+        cache.write_text(json.dumps(dict(compute()), indent=1), encoding="utf-8")
+    return {k: float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items()}
 
 
 def _audit_section(audits: Mapping[Any, Mapping[str, float]]) -> str:
