@@ -15,6 +15,7 @@ import yaml
 from datamodules.sft import SFTDataset, read_sft_jsonl
 from spr_lightning import quickstart
 from spr_lightning.experiments import shapes
+from spr_lightning.experiments.pair_quality import iter_records
 from spr_lightning.shards import ShardFormatError
 
 
@@ -255,7 +256,9 @@ def test_dpo_lr_and_epochs_apply_to_dpo_and_its_sft_twin(tmp_path):
 
 
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
-    assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only"]
+    assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only", "rec_dpo"]
+    assert shapes.ARMS["rec_dpo"].pairs == "rec" and shapes.ARMS["rec_dpo"].training == "dpo"
+    assert all(arm.pairs == "descriptions" for name, arm in shapes.ARMS.items() if name != "rec_dpo")
     assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"
     assert shapes.ARMS["loc_only"].score == {"lam": 0.0, "refine": True}
     assert shapes.ARMS["sem_only"].score == {"lam": 1.0, "refine": True}
@@ -284,7 +287,8 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(results["per_seed"]) == set(shapes.ARMS)
     for arm, seeds in results["per_seed"].items():
         for seed, metrics in seeds.items():
-            no_pairs = (arm == "sem_only") or (arm in ("spr", "sft_chosen") and seed == "1")
+            no_pairs = (arm == "sem_only") or (arm in ("spr", "sft_chosen") and seed == "1") or (
+                arm == "rec_dpo" and results["pairs"]["rec_dpo"][seed]["pairs"] == 0)
             assert (metrics is None) == no_pairs, (arm, seed)
             if metrics is not None:
                 assert set(metrics) == set(shapes.METRICS)
@@ -296,6 +300,14 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert results["pairs"]["loc_only"]["0"]["pairs"] > 0 and "dpo_margin" in results["pairs"]["loc_only"]["0"]
     assert 0.0 <= results["pairs"]["loc_only"]["0"]["chosen_named"] <= 1.0  # pair quality vs the annotations
     assert results["pairs"]["sft_chosen"]["0"]["pairs"] == results["pairs"]["spr"]["0"]["pairs"]
+    # the REC control answered as many training questions as the seed has regions, and its pairs are on disk
+    for seed in ("0", "1"):
+        rec = results["pairs"]["rec_dpo"][seed]
+        regions = len(list(iter_records(out / f"seed_{seed}" / "generate" / "candidates", "candidate")))
+        assert rec["queries"] == regions and 0 <= rec["pairs"] <= regions
+        pairs_dir = out / f"seed_{seed}" / "arms" / "rec_dpo" / "score" / "pairs"
+        summary = json.loads((pairs_dir / "summary.json").read_text())
+        assert summary["pairs"] == rec["pairs"] and "chosen_named" not in rec
     # the Tab. 8 arm trained (LoRA merged into a full model) on the chosen answers of the spr pairs
     chosen = out / "seed_0" / "arms" / "sft_chosen"
     assert (chosen / "chosen_sft" / "model" / "final" / "config.json").is_file()

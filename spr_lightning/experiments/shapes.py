@@ -14,7 +14,14 @@ arm               mirrors                             model evaluated
 ``spr_norefine``  Tab. 7, "w/o Refinement"            as ``spr``, chosen answers not refined (``refine: false``)
 ``loc_only``      Tab. 7, "λ = 0.0"                   as ``spr`` with S = S_loc
 ``sem_only``      Tab. 7, "λ = 1.0"                   as ``spr`` with S = S_sem
+``rec_dpo``       a control, not in the paper         LoRA DPO on the start's own answers to REC *training*
+                                                      questions, best IoU against worst
+                                                      (:mod:`~spr_lightning.experiments.rec_pairs`): as many
+                                                      questions as the seed has regions, as many samples each
 ================  ==================================  ==========================================================
+
+``rec_dpo`` asks whether the preference step can move the evaluated task at all on this policy when its pairs are
+that task's answers; it separates "DPO cannot lift REC here" from "description pairs do not carry over to REC".
 
 Layout under ``--out``: one world, one pretrained vision tower and one CLIP (``world/``, ``vision/``, ``clip/``,
 seed 0, shared by every seed); per seed
@@ -53,7 +60,7 @@ import yaml
 
 from spr_lightning import quickstart
 from spr_lightning.experiments.format_ceiling import format_ceiling, read_predictions
-from spr_lightning.experiments.pair_quality import pair_quality, pair_samples
+from spr_lightning.experiments.pair_quality import iter_records, pair_quality, pair_samples
 from spr_lightning.experiments.reward_audit import format_audit, reward_audit
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, clear_stage, reward_curves, run_cli, size_by_name
 
@@ -101,12 +108,15 @@ class Arm:
         training: ``none`` (the SFT start), ``dpo`` (LoRA DPO on its own pairs) or ``sft_chosen`` (LoRA SFT on the
             chosen answers of the ``spr`` pairs).
         score: ``PreferenceBuilder`` init args of its scoring stage (``lam``, ``refine``); ``None``: no scoring.
+        pairs: where its DPO pairs come from: ``descriptions`` (SPR's score stage on the seed's candidates) or
+            ``rec`` (:func:`~spr_lightning.experiments.rec_pairs.build_rec_pairs`, in its ``score`` folder).
     """
 
     paper: str
     description: str
     training: str
     score: Mapping[str, Any] | None = field(default=None)
+    pairs: str = "descriptions"
 
 
 ARMS: dict[str, Arm] = {
@@ -119,6 +129,9 @@ ARMS: dict[str, Arm] = {
                         {"lam": 0.8, "refine": False}),
     "loc_only": Arm("Tab. 7 λ = 0.0", "as spr with S = S_loc", "dpo", {"lam": 0.0, "refine": True}),
     "sem_only": Arm("Tab. 7 λ = 1.0", "as spr with S = S_sem", "dpo", {"lam": 1.0, "refine": True}),
+    "rec_dpo": Arm("control (not in the paper)",
+                   "LoRA DPO on the start's own REC answers to training questions, best IoU vs worst", "dpo",
+                   pairs="rec"),
 }  # fmt: skip
 
 
@@ -243,6 +256,29 @@ def _stage_score(run: ExperimentRun) -> dict[str, Any]:
             raise
         print(f"[shapes] {run.root}: {err}", flush=True)
         return {"shards": None, "summary": {"pairs": 0.0}, "no_pairs": str(err)}
+
+
+def _stage_rec_pairs(run: ExperimentRun, seed: int) -> dict[str, Any]:
+    """The ``rec_dpo`` arm's pairs: the start's REC answers, as many questions as the seed has regions (candidate
+    records) and as many samples per question as they have candidates; recorded like a score stage."""
+    import shutil
+
+    from spr_lightning.experiments.rec_pairs import build_rec_pairs
+
+    records = [record for _, _, record in iter_records(run.path("generate", "candidates"), "candidate")]
+    queries, candidates = len(records), max(len(r["candidates"]) for r in records)
+    pairs = run.path("score", "pairs")
+    shutil.rmtree(pairs, ignore_errors=True)  # seconds to remake: never mix a half-written run's shards in
+    summary = build_rec_pairs(str(run.path("sft", "model", "final")), run.path("world"), pairs, queries=queries,
+                              candidates=candidates, seed=seed, coord_format=quickstart.COORD_FORMAT)
+    flat = {"pairs": float(summary["pairs"]), "queries": float(summary["queries"]),
+            "chosen_iou": summary["chosen_iou_mean"], "rejected_iou": summary["rejected_iou_mean"],
+            "sampled_acc50": summary["sampled_acc"]["0.5"], "best_of_k_acc50": summary["best_of_k_acc"]["0.5"]}
+    if not summary["pairs"]:
+        message = f"{NO_PAIRS_MESSAGE}: no REC question's sampled answers differed by IoU >= 0.1"
+        print(f"[shapes] {run.root}: {message}", flush=True)
+        return {"shards": None, "summary": flat, "no_pairs": message}
+    return {"shards": str(pairs), "summary": flat}
 
 
 def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
@@ -615,7 +651,8 @@ class ShapesExperiment:
                                                            quickstart.COORD_FORMAT))
 
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
-        return self.stage(self.arm_run(seed, arm), "score", _stage_score, f"seed {seed} / {arm}")
+        fn = functools.partial(_stage_rec_pairs, seed=seed) if ARMS[arm].pairs == "rec" else _stage_score
+        return self.stage(self.arm_run(seed, arm), "score", fn, f"seed {seed} / {arm}")
 
     def _train_arm(self, seed: int, arm: str, run: ExperimentRun, scope: str,
                    sft_model: str) -> tuple[str | None, str | None, dict[str, float] | None]:
@@ -635,7 +672,8 @@ class ShapesExperiment:
         stats = {k: float(v) for k, v in score["summary"].items()}
         if not score["summary"].get("pairs"):
             return None, None, stats
-        stats.update(self._pair_quality(seed, arm))
+        if ARMS[arm].pairs == "descriptions":  # pair_quality reads descriptions against region annotations
+            stats.update(self._pair_quality(seed, arm))
         info = self.stage(run, "dpo", quickstart.stage_dpo, scope)
         logs = sorted(run.path("dpo", "logs").glob("version_*/metrics.csv"))
         if logs:
