@@ -109,6 +109,14 @@ def test_audit_section_averages_the_seeds():
     assert "did not run" in shapes._audit_section({})
 
 
+def test_rec_pairs_note_averages_the_control_and_is_empty_without_it():
+    pairs = {"rec_dpo": {0: {"chosen_iou": 0.6, "rejected_iou": 0.2, "sampled_acc50": 0.4, "best_of_k_acc50": 0.7},
+                         1: {"chosen_iou": 0.8, "rejected_iou": 0.0, "sampled_acc50": 0.5}}}
+    note = shapes._rec_pairs_note(pairs)
+    assert "chosen IoU 0.700, rejected IoU 0.100" in note and "0.450 reach IoU 0.5" in note and "samples 0.700" in note
+    assert shapes._rec_pairs_note({"spr": {0: {"pairs": 3.0}}}) == ""
+
+
 def test_plot_gains_writes_a_png(tmp_path):
     out = shapes.aggregate({"sft": {0: _metrics(0.5), 1: _metrics(0.6)}, "spr": {0: _metrics(0.6), 1: None}})
     png = shapes.plot_gains(out, tmp_path / "gain.png")
@@ -331,6 +339,7 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     # the reward audit of the spr arm's candidates: seed 0 only (seed 1 made no pairs)
     assert set(results["reward_audit"]) == {"0"} and results["reward_audit"]["0"]["queries"] > 0
     assert "### Reward audit" in text and "| S_loc |" in text
+    assert "`rec_dpo` (the start's REC answers to training questions" in text
     # a second run reuses every stage
     capsys.readouterr()
     shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])

@@ -762,6 +762,22 @@ def _audit_section(audits: Mapping[Any, Mapping[str, float]]) -> str:
     return format_audit({k: statistics.fmean(a[k] for a in audits.values()) for k in ordered})
 
 
+def _rec_pairs_note(pairs: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> str:
+    """One paragraph on the ``rec_dpo`` control's pairs (their columns are IoUs, not SPR's scores); empty without it."""
+    seeds = pairs.get("rec_dpo") or {}
+    if not seeds:
+        return ""
+
+    def mean(key: str) -> str:
+        values = [s[key] for s in seeds.values() if s.get(key) is not None]
+        return f"{statistics.fmean(values):.3f}" if values else "–"
+
+    return (f"`rec_dpo` (the start's REC answers to training questions, scored by IoU with the annotation; mean over "
+            f"seeds): chosen IoU {mean('chosen_iou')}, rejected IoU {mean('rejected_iou')}; of all sampled answers "
+            f"a share of {mean('sampled_acc50')} reach IoU 0.5, the best of each question's samples "
+            f"{mean('best_of_k_acc50')}.\n")
+
+
 def write_report(results: Mapping[str, Any], out: Path, command: str) -> str:
     """Write ``results.json``, ``gain_vs_iou.png`` and ``results.md`` into ``out``; returns the markdown."""
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -805,6 +821,7 @@ of pairs whose chosen answer has a larger / smaller such share than the rejected
 
 {pair_table(results['pairs'])}
 
+{_rec_pairs_note(results['pairs'])}
 ### Reward audit
 
 Every candidate of the `spr` arm's queries, its S_sem and S_loc against the annotations
