@@ -143,6 +143,8 @@ class CandidateGenerator(LightningModule):
         coord_options: codec options, e.g. ``qwen2_5_vl``'s ``resized_size``/``min_pixels``/``max_pixels``
             (checked against what the processor really does); must equal the data module's.
         attn_implementation: optional ``attn_implementation`` for ``from_pretrained`` (e.g. ``sdpa``).
+        adapter_path: a trained LoRA adapter (e.g. the DPO stage's export) applied on top, unmerged: sample from
+            the aligned policy without merging it first (how the experiments describe held-out regions after DPO).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class CandidateGenerator(LightningModule):
         seed: int = 0,
         coord_options: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
+        adapter_path: str | None = None,
     ) -> None:
         super().__init__()
         if num_candidates < 1:
@@ -198,6 +201,10 @@ class CandidateGenerator(LightningModule):
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same end
         self.model = load_policy(self.model_name_or_path, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code,
                                  attn_implementation=hp.attn_implementation)
+        if hp.adapter_path is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, hp.adapter_path, is_trainable=False)
         self.model.eval()
 
     # ----------------------------------------------------------------------------------- generation
@@ -280,7 +287,9 @@ class CandidateGenerator(LightningModule):
         region_text = self.codec.encode(spec.region.box, spec.image_size)
         prompt = self.canonical_prompt.format(region=region_text)
         template_prompts = {p.template_name: p.text for p in self._selected(item)}
-        record = build_record(spec, prompt, candidates, self.model_name_or_path, template_prompts)
+        model = self.model_name_or_path if self.hparams.adapter_path is None else (
+            f"{self.model_name_or_path} + {self.hparams.adapter_path}")
+        record = build_record(spec, prompt, candidates, model, template_prompts)
         return {"__key__": spec.region_id, "json": record, "jpg": item.image}
 
     def on_predict_start(self) -> None:

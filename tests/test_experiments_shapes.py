@@ -117,6 +117,19 @@ def test_rec_pairs_note_averages_the_control_and_is_empty_without_it():
     assert shapes._rec_pairs_note({"spr": {0: {"pairs": 3.0}}}) == ""
 
 
+def test_description_table_in_percent_and_skips_seeds_without_regions():
+    descriptions = {"sft": {0: {"regions": 10.0, "boxes": 2.0, "on_object": 0.5, "named": 0.25, "mean_iou": 0.4,
+                                "names_region": 0.5}},
+                    "spr": {0: {"regions": 10.0, "boxes": 3.0, "on_object": 0.4, "named": 0.2, "mean_iou": 0.3,
+                                "names_region": 0.6},
+                            1: {"regions": 10.0, "boxes": 5.0, "on_object": 0.6, "named": 0.3, "mean_iou": 0.5,
+                                "names_region": 0.8},
+                            2: {"regions": 0.0}}}
+    lines = shapes.description_table(descriptions).splitlines()
+    assert lines[2] == "| `sft` | 10 | 2.00 | 50.0 | 25.0 | 0.400 | 50.0 |"
+    assert lines[3] == "| `spr` | 10 ± 0 | 4.00 ± 1.41 | 50.0 ± 14.1 | 25.0 ± 7.1 | 0.400 ± 0.141 | 70.0 ± 14.1 |"
+
+
 def test_plot_gains_writes_a_png(tmp_path):
     out = shapes.aggregate({"sft": {0: _metrics(0.5), 1: _metrics(0.6)}, "spr": {0: _metrics(0.6), 1: None}})
     png = shapes.plot_gains(out, tmp_path / "gain.png")
@@ -340,6 +353,18 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(results["reward_audit"]) == {"0"} and results["reward_audit"]["0"]["queries"] > 0
     assert "### Reward audit" in text and "| S_loc |" in text
     assert "`rec_dpo` (the start's REC answers to training questions" in text
+    # SPR's own task on held-out regions, for every arm with a model (the adapter of DPO arms applied)
+    assert "### Region descriptions on held-out regions" in text
+    for arm, seeds in results["per_seed"].items():
+        for seed, metrics in seeds.items():
+            described = results["descriptions"].get(arm, {}).get(seed)
+            assert (described is None) == (metrics is None), (arm, seed)
+            if described is not None and described["regions"]:
+                assert 0.0 <= described["on_object"] <= 1.0 and described["boxes"] >= 0
+    describe_config = yaml.safe_load((out / "seed_0" / "arms" / "spr" / "configs" / "eval_describe.yaml").read_text())
+    assert describe_config["model"]["init_args"]["adapter_path"].endswith("dpo/adapter/final")
+    assert describe_config["model"]["init_args"]["do_sample"] is False
+    assert describe_config["data"]["init_args"]["annotations"].endswith("instances_test.json")
     # a second run reuses every stage
     capsys.readouterr()
     shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])

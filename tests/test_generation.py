@@ -124,6 +124,40 @@ def test_predict_step_maps_known_answers_without_a_model(coco, monkeypatch):
     assert gen.stats == {"regions": 2, "queries": 6, "candidates": 12, "failed": 0}
 
 
+def test_adapter_path_samples_from_the_aligned_policy(coco, tmp_path):
+    """A LoRA adapter given as ``adapter_path`` is applied (unmerged) on load: its weights are the saved ones and the
+    next-token logits differ from the base policy's; the records name the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from spr_lightning.models import load_policy
+
+    base = str(resolve_model_path("tiny:llava"))
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft = get_peft_model(load_policy(base), config)
+    peft.save_pretrained(tmp_path / "adapter")
+    saved = {k: v for k, v in peft.state_dict().items() if "lora_B" in k}
+
+    plain = CandidateGenerator(base, "ferret", num_candidates=1, do_sample=False)
+    aligned = CandidateGenerator(base, "ferret", num_candidates=1, do_sample=False,
+                                 adapter_path=str(tmp_path / "adapter"))
+    plain.configure_model()
+    aligned.configure_model()
+    loaded = {k: v for k, v in aligned.model.state_dict().items() if "lora_B" in k}
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    data = make_data(coco, templates=["region"])
+    data.setup("predict")
+    item = data.predict_dataloader().dataset[0]
+    prompt = item.spec.prompts[0].text
+    with torch.no_grad():
+        logits = [g.model(**{k: v for k, v in g.model_inputs([prompt], [item.image]).items()
+                             if k != "pad_token_id"}).logits[0, -1] for g in (plain, aligned)]
+    assert not torch.allclose(logits[0], logits[1])
+    aligned.generate = lambda prompts, images, frames: [["a shape [1, 2, 3, 4]."] for _ in prompts]
+    sample = aligned.predict_step(collate_regions([item]))[0]
+    assert sample["json"]["model"] == f"{base} + {tmp_path / 'adapter'}"
+
+
 # ------------------------------------------------------------------------------------- region items
 def test_region_items_crops_and_prompts(coco):
     data = make_data(coco, regions_per_image=2)

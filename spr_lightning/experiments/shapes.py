@@ -86,9 +86,10 @@ PHRASE_METRICS = tuple(f"phrase/recall@1@{t:g}" for t in THRESHOLDS)
 METRICS = REC_METRICS + PHRASE_METRICS
 BASELINE = "sft"
 #: Stages that start over when they rerun unfinished (``generate`` and ``score`` resume from their shards).
-_RESTART = frozenset({"clip", "sft", "dpo", "chosen_data", "chosen_sft", "eval_rec", "eval_phrase"})
+_RESTART = frozenset({"clip", "sft", "dpo", "chosen_data", "chosen_sft", "eval_rec", "eval_phrase", "eval_describe"})
 #: The configs an experiment writes (``configs/<name>.yaml`` of a seed or an arm): what ``--set`` may change.
-CONFIG_NAMES = ("vision", "clip", "sft", "generate", "score", "dpo", "chosen_sft", "eval_rec", "eval_phrase")
+CONFIG_NAMES = ("vision", "clip", "sft", "generate", "score", "dpo", "chosen_sft", "eval_rec", "eval_phrase",
+                "eval_describe")
 
 #: Subcommand of each stage, for the command list of the report.
 _SUBCOMMANDS = {"clip": "fit", "sft": "fit", "dpo": "fit", "chosen_sft": "fit", "generate": "predict",
@@ -338,6 +339,36 @@ def evaluate(run: ExperimentRun, task: str, model: str, adapter: str | None) -> 
     return metrics
 
 
+def describe_regions(run: ExperimentRun, model: str, adapter: str | None) -> dict[str, float]:
+    """SPR's own task on held-out regions: greedy region descriptions of one model on the world's *test* images
+    (the generate stage's recipe, one answer per region, half its number of images), scored against the annotations
+    with :func:`~spr_lightning.experiments.description_quality.description_quality`.
+
+    Returns:
+        ``{"regions", "boxes", "on_object", "named", "mean_iou", "names_region"}``; only ``regions`` (0) when the
+        test images hold no region query.
+    """
+    from spr_lightning.experiments.description_quality import description_quality
+    from spr_lightning.shards import done_keys
+
+    folder, world, s = run.path("eval_describe"), run.path("world"), run.size
+    shards, annotations = folder / "candidates", world / "annotations" / "instances_test.json"
+    config = run.config("eval_describe", "generate.yaml", {
+        "trainer.default_root_dir": str(folder), "trainer.callbacks[0].init_args.output_dir": str(shards),
+        "model.init_args.model_name_or_path": model, "model.init_args.adapter_path": adapter,
+        "model.init_args.do_sample": False, "model.init_args.num_candidates": 1,
+        "model.init_args.max_new_tokens": s.max_new_tokens,
+        "data.init_args.annotations": str(annotations), "data.init_args.image_root": str(world / "images"),
+        "data.init_args.skip_done_in": str(shards), "data.init_args.max_images": max(s.generate_images // 2, 1),
+    })  # fmt: skip
+    run_cli("predict", config)
+    if not done_keys(shards):
+        return {"regions": 0.0}
+    summary = description_quality(shards, annotations, quickstart.COORD_FORMAT)
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def summarize_values(values: Sequence[float]) -> dict[str, Any]:
     """``{"mean", "std", "n", "values"}``: sample std (n - 1); ``None`` where undefined (no value, or one)."""
@@ -523,6 +554,7 @@ class ShapesExperiment:
                             dpo_epochs=dpo_epochs or size.dpo_epochs)
         self.seeds = list(seeds)
         self.arms = list(arms)
+        self.descriptions: dict[str, dict[int, dict[str, float]]] = {}  # arm -> seed -> describe_regions()
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
         self.shared = ExperimentRun(out, size_name, overrides=self.user_overrides, size=self.size,
                                     accelerator=accelerator)
@@ -615,6 +647,8 @@ class ShapesExperiment:
             for task in ("rec", "phrase"):
                 evaluation = functools.partial(evaluate, task=task, model=model, adapter=adapter)
                 metrics[arm].update(self.stage(arm_run, f"eval_{task}", evaluation, arm_scope))
+            describe = functools.partial(describe_regions, model=model, adapter=adapter)
+            self.descriptions.setdefault(arm, {})[seed] = self.stage(arm_run, "eval_describe", describe, arm_scope)
         return metrics, pairs
 
     def format_ceiling(self) -> dict[str, float] | None:
@@ -712,6 +746,7 @@ class ShapesExperiment:
             "dpo_epochs": self.size.dpo_epochs,
             "arm_definitions": {a: {"paper": ARMS[a].paper, "description": ARMS[a].description} for a in self.arms},
             "per_seed": per_seed, "aggregate": aggregate(per_seed), "pairs": pairs, "reward_audit": audits,
+            "descriptions": self.descriptions,
             "timings": [vars(t) for t in self.timings.values()],
             "wall_time_s": round(time.perf_counter() - start, 1),
             "stage_time_s": round(sum(t.seconds for t in self.timings.values()), 1), "cpu_count": _cpu_count(),
@@ -760,6 +795,27 @@ def _audit_section(audits: Mapping[Any, Mapping[str, float]]) -> str:
     keys = set.intersection(*(set(a) for a in audits.values()))
     ordered = [k for k in next(iter(audits.values())) if k in keys]
     return format_audit({k: statistics.fmean(a[k] for a in audits.values()) for k in ordered})
+
+
+#: ``(key, header, scale, digits)`` of the held-out description table (shares in percent).
+DESCRIPTION_COLUMNS = (
+    ("regions", "regions", 1.0, 0), ("boxes", "boxes per description", 1.0, 2),
+    ("on_object", "boxes on an object", 100.0, 1), ("named", "boxes named right", 100.0, 1),
+    ("mean_iou", "mean best IoU", 1.0, 3), ("names_region", "phrases naming the region", 100.0, 1),
+)  # fmt: skip
+
+
+def description_table(descriptions: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> str:
+    """Markdown table of :func:`describe_regions` per arm, mean ± std over seeds (``–`` where a seed has no region)."""
+    lines = ["| arm | " + " | ".join(h for _, h, _, _ in DESCRIPTION_COLUMNS) + " |",
+             "|" + "---|" * (len(DESCRIPTION_COLUMNS) + 1)]
+    for arm, seeds in descriptions.items():
+        cells = []
+        for key, _, scale, digits in DESCRIPTION_COLUMNS:
+            values = [s[key] for s in seeds.values() if s.get(key) is not None and s.get("regions")]
+            cells.append(_cell(summarize_values(values), scale=scale, digits=digits))
+        lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _rec_pairs_note(pairs: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> str:
@@ -822,6 +878,14 @@ of pairs whose chosen answer has a larger / smaller such share than the rejected
 {pair_table(results['pairs'])}
 
 {_rec_pairs_note(results['pairs'])}
+### Region descriptions on held-out regions (SPR's own task)
+
+Greedy descriptions of each arm's model for the regions of the world's test images, checked against the
+annotations (`spr_lightning.experiments.description_quality`; mean ± std over seeds): did DPO make the descriptions
+it was trained on better, whatever REC and phrase grounding say?
+
+{description_table(results.get('descriptions') or {})}
+
 ### Reward audit
 
 Every candidate of the `spr` arm's queries, its S_sem and S_loc against the annotations
