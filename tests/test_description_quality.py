@@ -45,6 +45,6 @@ def test_errors_name_the_query(tmp_path):
 def test_cli_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "q.json"
     summary = main([str(_candidates(tmp_path / "c", texts=[RED_RIGHT])), str(_annotations(tmp_path / "a.json")),
-                    "--json", str(out)])
+                    "--out", str(out)])
     assert json.loads(out.read_text()) == summary and "on_object: 1.000" in capsys.readouterr().out
     assert set(DESCRIPTION_METRICS) < set(summary) and not any(math.isnan(v) for v in summary.values())

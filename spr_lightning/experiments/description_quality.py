@@ -13,17 +13,16 @@ each region's first answer against the image's annotations:
 * ``names_region``: share of the phrases naming an object of the queried region, boxes aside
   (:func:`~spr_lightning.experiments.reward_audit.names_region`).
 
-    python -m spr_lightning.experiments.description_quality CANDIDATES_DIR ANNOTATIONS_JSON [--json OUT]
+    python -m spr_lightning.experiments.description_quality CANDIDATES_DIR ANNOTATIONS_JSON [--out F.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
+from spr_lightning.experiments._probe_cli import probe_parser, write_result
 from spr_lightning.experiments.pair_quality import answer_quality, load_objects
 from spr_lightning.experiments.reward_audit import names_region, read_candidates
 from spr_lightning.shards import ShardFormatError
@@ -69,17 +68,14 @@ def format_description_quality(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="python -m spr_lightning.experiments.description_quality",
-                                     description=__doc__.split("\n")[0])
+    parser = probe_parser("spr_lightning.experiments.description_quality", __doc__)
     parser.add_argument("candidates_dir", help="folder of candidate shards (a generate stage's output)")
     parser.add_argument("annotations", help="COCO instances JSON of their images")
     parser.add_argument("--coord-format", default="minigpt_v2", help="how the answers write boxes")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a box to be on an object")
-    parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args(argv)
     summary = description_quality(args.candidates_dir, args.annotations, args.coord_format, args.iou_threshold)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_result(args.out, summary)
     print(format_description_quality(summary))
     return summary
 
