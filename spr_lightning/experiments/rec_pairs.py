@@ -28,7 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from spr_lightning.evaluation import rec_box
+from spr_lightning.metrics.accuracy import paired_iou
 
 __all__ = ["CHOSEN_MODES", "answer_iou", "build_rec_pairs", "choose_pair", "main", "read_rec_questions"]
 
@@ -37,14 +40,12 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def answer_iou(box: Sequence[float], target: Sequence[float]) -> float:
-    """IoU of an answer's box with the target box (``xyxy``); 0 for an answer without a readable box (NaN)."""
+    """IoU of an answer's box with the target box (``xyxy``), as REC's Acc@IoU computes it
+    (:func:`~spr_lightning.metrics.accuracy.paired_iou`); 0 for an answer without a readable box (NaN)."""
     if any(math.isnan(v) for v in box):
         return 0.0
-    width = min(box[2], target[2]) - max(box[0], target[0])
-    height = min(box[3], target[3]) - max(box[1], target[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (target[2] - target[0]) * (target[3] - target[1]) - inter
-    return inter / union if union > 0 else 0.0
+    pair = torch.tensor([list(box), list(target)], dtype=torch.float32)
+    return float(paired_iou(pair[:1], pair[1:])[0])
 
 
 def choose_pair(texts: Sequence[str], ious: Sequence[float], truth: str, chosen_mode: str,
@@ -131,7 +132,6 @@ def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queri
         the summary (also written to ``out_dir/summary.json``): questions, pairs, the sampled answers' and the
         best-of-k accuracy at IoU 0.5-0.9, the mean IoU of the chosen and of the rejected side.
     """
-    import torch
     from PIL import Image
     from tqdm import tqdm
 
