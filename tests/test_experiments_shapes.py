@@ -277,9 +277,11 @@ def test_dpo_lr_and_epochs_apply_to_dpo_and_its_sft_twin(tmp_path):
 
 
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
-    assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only", "rec_dpo"]
+    assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only", "oracle",
+                                 "rec_dpo"]
     assert shapes.ARMS["rec_dpo"].pairs == "rec" and shapes.ARMS["rec_dpo"].training == "dpo"
-    assert all(arm.pairs == "descriptions" for name, arm in shapes.ARMS.items() if name != "rec_dpo")
+    assert shapes.ARMS["oracle"].pairs == "oracle" and shapes.ARMS["oracle"].training == "dpo"
+    assert all(arm.pairs == "descriptions" for name, arm in shapes.ARMS.items() if name not in ("rec_dpo", "oracle"))
     assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"
     assert shapes.ARMS["loc_only"].score == {"lam": 0.0, "refine": True}
     assert shapes.ARMS["sem_only"].score == {"lam": 1.0, "refine": True}
@@ -309,7 +311,7 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     for arm, seeds in results["per_seed"].items():
         for seed, metrics in seeds.items():
             no_pairs = (arm == "sem_only") or (arm in ("spr", "sft_chosen") and seed == "1") or (
-                arm == "rec_dpo" and results["pairs"]["rec_dpo"][seed]["pairs"] == 0)
+                arm in ("rec_dpo", "oracle") and results["pairs"][arm][seed]["pairs"] == 0)
             assert (metrics is None) == no_pairs, (arm, seed)
             if metrics is not None:
                 assert set(metrics) == set(shapes.METRICS)
@@ -321,6 +323,13 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     assert results["pairs"]["loc_only"]["0"]["pairs"] > 0 and "dpo_margin" in results["pairs"]["loc_only"]["0"]
     assert 0.0 <= results["pairs"]["loc_only"]["0"]["chosen_named"] <= 1.0  # pair quality vs the annotations
     assert results["pairs"]["sft_chosen"]["0"]["pairs"] == results["pairs"]["spr"]["0"]["pairs"]
+    # the oracle ranked every region of the seed (pairs + ties), its pairs on disk, checked against the annotations
+    for seed in ("0", "1"):
+        oracle = results["pairs"]["oracle"][seed]
+        regions = len(list(iter_records(out / f"seed_{seed}" / "generate" / "candidates", "candidate")))
+        assert oracle["queries"] == regions == oracle["pairs"] + oracle["ties"]
+        if oracle["pairs"]:
+            assert "chosen_named" in oracle and oracle["chosen_oracle"] > oracle["rejected_oracle"]
     # the REC control answered as many training questions as the seed has regions, and its pairs are on disk
     for seed in ("0", "1"):
         rec = results["pairs"]["rec_dpo"][seed]

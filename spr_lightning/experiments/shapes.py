@@ -14,14 +14,19 @@ arm               mirrors                             model evaluated
 ``spr_norefine``  Tab. 7, "w/o Refinement"            as ``spr``, chosen answers not refined (``refine: false``)
 ``loc_only``      Tab. 7, "λ = 0.0"                   as ``spr`` with S = S_loc
 ``sem_only``      Tab. 7, "λ = 1.0"                   as ``spr`` with S = S_sem
+``oracle``        a control, not in the paper         LoRA DPO on the seed's descriptions ranked by the
+                                                      *annotations* (boxes named right; unrefined;
+                                                      :mod:`~spr_lightning.experiments.oracle_pairs`)
 ``rec_dpo``       a control, not in the paper         LoRA DPO on the start's own answers to REC *training*
                                                       questions, best IoU against worst
                                                       (:mod:`~spr_lightning.experiments.rec_pairs`): as many
                                                       questions as the seed has regions, as many samples each
 ================  ==================================  ==========================================================
 
-``rec_dpo`` asks whether the preference step can move the evaluated task at all on this policy when its pairs are
-that task's answers; it separates "DPO cannot lift REC here" from "description pairs do not carry over to REC".
+The two controls bound what SPR could do on the start: ``oracle`` is the best any reward on the same descriptions
+could rank them, ``rec_dpo`` asks whether the preference step moves the evaluated task at all when its pairs are
+that task's answers. Together they separate "the reward is wrong", "DPO cannot lift REC here" and "description
+pairs do not carry over to REC".
 
 Layout under ``--out``: one world, one pretrained vision tower and one CLIP (``world/``, ``vision/``, ``clip/``,
 seed 0, shared by every seed); per seed
@@ -109,8 +114,10 @@ class Arm:
         training: ``none`` (the SFT start), ``dpo`` (LoRA DPO on its own pairs) or ``sft_chosen`` (LoRA SFT on the
             chosen answers of the ``spr`` pairs).
         score: ``PreferenceBuilder`` init args of its scoring stage (``lam``, ``refine``); ``None``: no scoring.
-        pairs: where its DPO pairs come from: ``descriptions`` (SPR's score stage on the seed's candidates) or
-            ``rec`` (:func:`~spr_lightning.experiments.rec_pairs.build_rec_pairs`, in its ``score`` folder).
+        pairs: where its DPO pairs come from: ``descriptions`` (SPR's score stage on the seed's candidates),
+            ``oracle`` (the same candidates ranked by the annotations,
+            :func:`~spr_lightning.experiments.oracle_pairs.build_oracle_pairs`) or ``rec``
+            (:func:`~spr_lightning.experiments.rec_pairs.build_rec_pairs`); the last two in its ``score`` folder.
     """
 
     paper: str
@@ -130,6 +137,9 @@ ARMS: dict[str, Arm] = {
                         {"lam": 0.8, "refine": False}),
     "loc_only": Arm("Tab. 7 λ = 0.0", "as spr with S = S_loc", "dpo", {"lam": 0.0, "refine": True}),
     "sem_only": Arm("Tab. 7 λ = 1.0", "as spr with S = S_sem", "dpo", {"lam": 1.0, "refine": True}),
+    "oracle": Arm("control (not in the paper)",
+                  "LoRA DPO on the seed's descriptions ranked by the annotations (boxes named right), unrefined", "dpo",
+                  pairs="oracle"),
     "rec_dpo": Arm("control (not in the paper)",
                    "LoRA DPO on the start's own REC answers to training questions, best IoU vs worst", "dpo",
                    pairs="rec"),
@@ -280,6 +290,23 @@ def _stage_rec_pairs(run: ExperimentRun, seed: int) -> dict[str, Any]:
         print(f"[shapes] {run.root}: {message}", flush=True)
         return {"shards": None, "summary": flat, "no_pairs": message}
     return {"shards": str(pairs), "summary": flat}
+
+
+def _stage_oracle_pairs(run: ExperimentRun) -> dict[str, Any]:
+    """The ``oracle`` arm's pairs: the seed's candidates ranked by the annotations; recorded like a score stage."""
+    import shutil
+
+    from spr_lightning.experiments.oracle_pairs import build_oracle_pairs
+
+    pairs = run.path("score", "pairs")
+    shutil.rmtree(pairs, ignore_errors=True)  # seconds to remake: never mix a half-written run's shards in
+    summary = build_oracle_pairs(run.path("generate", "candidates"),
+                                 run.path("world", "annotations", "instances_train.json"), pairs)
+    if not summary["pairs"]:
+        message = f"{NO_PAIRS_MESSAGE}: every region's candidates tie under the oracle"
+        print(f"[shapes] {run.root}: {message}", flush=True)
+        return {"shards": None, "summary": summary, "no_pairs": message}
+    return {"shards": str(pairs), "summary": summary}
 
 
 def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
@@ -685,7 +712,8 @@ class ShapesExperiment:
                                                            quickstart.COORD_FORMAT))
 
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
-        fn = functools.partial(_stage_rec_pairs, seed=seed) if ARMS[arm].pairs == "rec" else _stage_score
+        fn = {"rec": functools.partial(_stage_rec_pairs, seed=seed), "oracle": _stage_oracle_pairs}.get(
+            ARMS[arm].pairs, _stage_score)
         return self.stage(self.arm_run(seed, arm), "score", fn, f"seed {seed} / {arm}")
 
     def _train_arm(self, seed: int, arm: str, run: ExperimentRun, scope: str,
@@ -706,7 +734,7 @@ class ShapesExperiment:
         stats = {k: float(v) for k, v in score["summary"].items()}
         if not score["summary"].get("pairs"):
             return None, None, stats
-        if ARMS[arm].pairs == "descriptions":  # pair_quality reads descriptions against region annotations
+        if ARMS[arm].pairs != "rec":  # pair_quality reads descriptions against region annotations
             stats.update(self._pair_quality(seed, arm))
         info = self.stage(run, "dpo", quickstart.stage_dpo, scope)
         logs = sorted(run.path("dpo", "logs").glob("version_*/metrics.csv"))
