@@ -244,7 +244,28 @@ def test_arguments_are_checked_before_anything_runs(tmp_path):
         shapes.run_experiment(tmp_path / "x", "huge")
     with pytest.raises(ValueError, match="seeds"):
         shapes.run_experiment(tmp_path / "x", "toy", seeds=[1, 1])
+    with pytest.raises(ValueError, match="rec_dpo_samples >= 2"):
+        shapes.run_experiment(tmp_path / "x", "toy", rec_dpo_samples=1)
     assert not (tmp_path / "x").exists()
+
+
+def test_rec_dpo_size_defaults_to_the_seeds_regions_and_can_be_set(tmp_path, monkeypatch):
+    from spr_lightning.experiments import rec_pairs
+
+    asked = []
+
+    def fake_build(model, world, out, *, queries, candidates, seed, coord_format):
+        asked.append((queries, candidates, seed))
+        return {"pairs": 0, "queries": queries, "chosen_iou_mean": 0.0, "rejected_iou_mean": 0.0,
+                "sampled_acc": {"0.5": 0.0}, "best_of_k_acc": {"0.5": 0.0}}
+
+    monkeypatch.setattr(rec_pairs, "build_rec_pairs", fake_build)
+    records = [{"query_id": f"{i}-0", "candidates": ["a", "b", "c"]} for i in range(5)]
+    monkeypatch.setattr(shapes, "iter_records", lambda folder, kind: (("s", r["query_id"], r) for r in records))
+    run = shapes.ExperimentRun(tmp_path / "arm", "toy")
+    shapes._stage_rec_pairs(run, seed=3)
+    info = shapes._stage_rec_pairs(run, seed=3, questions=40, samples=8)
+    assert asked == [(5, 3, 3), (40, 8, 3)] and "no_pairs" in info
 
 
 def test_sft_start_must_be_a_finished_quickstart_run(tmp_path):

@@ -269,15 +269,18 @@ def _stage_score(run: ExperimentRun) -> dict[str, Any]:
         return {"shards": None, "summary": {"pairs": 0.0}, "no_pairs": str(err)}
 
 
-def _stage_rec_pairs(run: ExperimentRun, seed: int) -> dict[str, Any]:
-    """The ``rec_dpo`` arm's pairs: the start's REC answers, as many questions as the seed has regions (candidate
-    records) and as many samples per question as they have candidates; recorded like a score stage."""
+def _stage_rec_pairs(run: ExperimentRun, seed: int, questions: int | None = None,
+                     samples: int | None = None) -> dict[str, Any]:
+    """The ``rec_dpo`` arm's pairs: the start's REC answers to ``questions`` training questions, ``samples`` each;
+    by default as many questions as the seed has regions (candidate records) and as many samples as they have
+    candidates, so that the control is the size of SPR's pairs. Recorded like a score stage."""
     import shutil
 
     from spr_lightning.experiments.rec_pairs import build_rec_pairs
 
     records = [record for _, _, record in iter_records(run.path("generate", "candidates"), "candidate")]
-    queries, candidates = len(records), max(len(r["candidates"]) for r in records)
+    queries = questions or len(records)
+    candidates = samples or max(len(r["candidates"]) for r in records)
     pairs = run.path("score", "pairs")
     shutil.rmtree(pairs, ignore_errors=True)  # seconds to remake: never mix a half-written run's shards in
     summary = build_rec_pairs(str(run.path("sft", "model", "final")), run.path("world"), pairs, queries=queries,
@@ -568,8 +571,10 @@ class ShapesExperiment:
     def __init__(self, out: Path, size_name: str, seeds: Sequence[int], arms: Sequence[str],
                  rec_samples: int | None = None, phrase_samples: int | None = None,
                  sft_start: Path | None = None, dpo_lr: float | None = None, dpo_epochs: int | None = None,
-                 accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 rec_dpo_questions: int | None = None, rec_dpo_samples: int | None = None) -> None:
         self.out = out
+        self.rec_dpo_questions, self.rec_dpo_samples = rec_dpo_questions, rec_dpo_samples
         self.accelerator = accelerator
         self.user_overrides = {name: dict(values) for name, values in (overrides or {}).items()}
         self.sft_start = sft_start
@@ -712,7 +717,9 @@ class ShapesExperiment:
                                                            quickstart.COORD_FORMAT))
 
     def _score(self, seed: int, arm: str) -> dict[str, Any]:
-        fn = {"rec": functools.partial(_stage_rec_pairs, seed=seed), "oracle": _stage_oracle_pairs}.get(
+        rec = functools.partial(_stage_rec_pairs, seed=seed, questions=self.rec_dpo_questions,
+                                samples=self.rec_dpo_samples)
+        fn = {"rec": rec, "oracle": _stage_oracle_pairs}.get(
             ARMS[arm].pairs, _stage_score)
         return self.stage(self.arm_run(seed, arm), "score", fn, f"seed {seed} / {arm}")
 
@@ -960,6 +967,8 @@ def run_experiment(
     dpo_epochs: int | None = None,
     accelerator: str = "cpu",
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    rec_dpo_questions: int | None = None,
+    rec_dpo_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment into ``out`` and write its report; returns ``results.json``'s content.
 
@@ -980,6 +989,9 @@ def run_experiment(
         accelerator: Lightning accelerator of every stage (``cpu``, ``gpu``, ``auto``; one device).
         overrides: config name (:data:`CONFIG_NAMES`, or ``"*"``) -> dotted config values for the stages that run;
             a seed's or an arm's own settings (seed, λ, refinement, ``dpo_lr``) win over them.
+        rec_dpo_questions: REC training questions the ``rec_dpo`` control answers (default: as many as the seed has
+            regions, the size of SPR's pairs).
+        rec_dpo_samples: sampled answers per question of the ``rec_dpo`` control (default: the candidates per region).
     """
     size_by_name(size)
     unknown = sorted(set(arms or ()) - set(ARMS))
@@ -993,8 +1005,13 @@ def run_experiment(
     start = Path(sft_start).resolve() if sft_start is not None else None
     if (dpo_lr is not None and dpo_lr <= 0) or (dpo_epochs is not None and dpo_epochs < 1):
         raise ValueError(f"dpo_lr must be > 0 and dpo_epochs >= 1, got {dpo_lr}, {dpo_epochs}")
+    if (rec_dpo_questions is not None and rec_dpo_questions < 1) or (rec_dpo_samples is not None
+                                                                     and rec_dpo_samples < 2):
+        raise ValueError(f"rec_dpo_questions must be >= 1 and rec_dpo_samples >= 2 (a pair needs two answers), "
+                         f"got {rec_dpo_questions}, {rec_dpo_samples}")
     experiment = ShapesExperiment(root, size, seeds, [a for a in ARMS if a in chosen], rec_samples, phrase_samples,
-                                  start, dpo_lr, dpo_epochs, accelerator, overrides)
+                                  start, dpo_lr, dpo_epochs, accelerator, overrides,
+                                  rec_dpo_questions=rec_dpo_questions, rec_dpo_samples=rec_dpo_samples)
     results = experiment.run()
     if command is None:
         command = (f"python -m spr_lightning.experiments.shapes --out {out} --size {size} "
@@ -1003,6 +1020,8 @@ def run_experiment(
                    + (f" --dpo-lr {dpo_lr}" if dpo_lr is not None else "")
                    + (f" --dpo-epochs {dpo_epochs}" if dpo_epochs is not None else "")
                    + (f" --accelerator {accelerator}" if accelerator != "cpu" else "")
+                   + (f" --rec-dpo-questions {rec_dpo_questions}" if rec_dpo_questions is not None else "")
+                   + (f" --rec-dpo-samples {rec_dpo_samples}" if rec_dpo_samples is not None else "")
                    + "".join(f" --set '{name}:{key}={value}'" for name, values in (overrides or {}).items()
                              for key, value in values.items()))
     text = write_report(results, root, command)
@@ -1027,6 +1046,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dpo-epochs", type=int, help="epochs of DPO and of the sft_chosen arm (default: the size's)")
     parser.add_argument("--accelerator", default="cpu", choices=quickstart.ACCELERATORS,
                         help="Lightning accelerator of every stage (default cpu; gpu or auto for one CUDA device)")
+    parser.add_argument("--rec-dpo-questions", type=int, help="REC training questions the rec_dpo control answers "
+                        "(default: as many as the seed has regions)")
+    parser.add_argument("--rec-dpo-samples", type=int, help="sampled answers per question of the rec_dpo control "
+                        "(default: the candidates per region)")
     parser.add_argument("--set", action="append", default=[], metavar="CONFIG:KEY=VALUE",
                         help=f"change one value of a stage's config (repeatable; configs: {', '.join(CONFIG_NAMES)}, "
                         "or * for all), e.g. sft:model.init_args.lr=5e-4; an arm's own settings win")
@@ -1037,7 +1060,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(error))
     command = "python -m spr_lightning.experiments.shapes " + " ".join(sys.argv[1:] if argv is None else argv)
     return run_experiment(args.out, args.size, args.seeds, args.arms, args.rec_samples, args.phrase_samples, command,
-                          args.sft_start, args.dpo_lr, args.dpo_epochs, args.accelerator, overrides)
+                          args.sft_start, args.dpo_lr, args.dpo_epochs, args.accelerator, overrides,
+                          rec_dpo_questions=args.rec_dpo_questions, rec_dpo_samples=args.rec_dpo_samples)
 
 
 if __name__ == "__main__":
