@@ -269,47 +269,53 @@ def _stage_score(run: ExperimentRun) -> dict[str, Any]:
         return {"shards": None, "summary": {"pairs": 0.0}, "no_pairs": str(err)}
 
 
+def _fresh_pairs_folder(run: ExperimentRun) -> Path:
+    """The arm's ``score/pairs``, emptied: a control's pairs take seconds to remake, so a half-written run's shards
+    are never mixed in."""
+    import shutil
+
+    pairs = run.path("score", "pairs")
+    shutil.rmtree(pairs, ignore_errors=True)
+    return pairs
+
+
+def _pairs_record(run: ExperimentRun, pairs: Path, summary: dict[str, float], why_none: str) -> dict[str, Any]:
+    """A control's pairs recorded as the score stage records SPR's; a run that made none says why instead of failing."""
+    if summary["pairs"]:
+        return {"shards": str(pairs), "summary": summary}
+    message = f"{NO_PAIRS_MESSAGE}: {why_none}"
+    print(f"[shapes] {run.root}: {message}", flush=True)
+    return {"shards": None, "summary": summary, "no_pairs": message}
+
+
 def _stage_rec_pairs(run: ExperimentRun, seed: int, questions: int | None = None,
                      samples: int | None = None) -> dict[str, Any]:
     """The ``rec_dpo`` arm's pairs: the start's REC answers to ``questions`` training questions, ``samples`` each;
     by default as many questions as the seed has regions (candidate records) and as many samples as they have
-    candidates, so that the control is the size of SPR's pairs. Recorded like a score stage."""
-    import shutil
-
+    candidates, so that the control is the size of SPR's pairs."""
     from spr_lightning.experiments.rec_pairs import build_rec_pairs
 
-    records = [record for _, _, record in iter_records(run.path("generate", "candidates"), "candidate")]
-    queries = questions or len(records)
-    candidates = samples or max(len(r["candidates"]) for r in records)
-    pairs = run.path("score", "pairs")
-    shutil.rmtree(pairs, ignore_errors=True)  # seconds to remake: never mix a half-written run's shards in
-    summary = build_rec_pairs(str(run.path("sft", "model", "final")), run.path("world"), pairs, queries=queries,
-                              candidates=candidates, seed=seed, coord_format=quickstart.COORD_FORMAT)
+    if questions is None or samples is None:  # only then does the size depend on the seed's candidates
+        records = [record for _, _, record in iter_records(run.path("generate", "candidates"), "candidate")]
+        questions = questions or len(records)
+        samples = samples or max(len(r["candidates"]) for r in records)
+    pairs = _fresh_pairs_folder(run)
+    summary = build_rec_pairs(str(run.path("sft", "model", "final")), run.path("world"), pairs, queries=questions,
+                              candidates=samples, seed=seed, coord_format=quickstart.COORD_FORMAT)
     flat = {"pairs": float(summary["pairs"]), "queries": float(summary["queries"]),
             "chosen_iou": summary["chosen_iou_mean"], "rejected_iou": summary["rejected_iou_mean"],
             "sampled_acc50": summary["sampled_acc"]["0.5"], "best_of_k_acc50": summary["best_of_k_acc"]["0.5"]}
-    if not summary["pairs"]:
-        message = f"{NO_PAIRS_MESSAGE}: no REC question's sampled answers differed by IoU >= 0.1"
-        print(f"[shapes] {run.root}: {message}", flush=True)
-        return {"shards": None, "summary": flat, "no_pairs": message}
-    return {"shards": str(pairs), "summary": flat}
+    return _pairs_record(run, pairs, flat, "no REC question's sampled answers differed by IoU >= 0.1")
 
 
 def _stage_oracle_pairs(run: ExperimentRun) -> dict[str, Any]:
-    """The ``oracle`` arm's pairs: the seed's candidates ranked by the annotations; recorded like a score stage."""
-    import shutil
-
+    """The ``oracle`` arm's pairs: the seed's candidates ranked by the annotations."""
     from spr_lightning.experiments.oracle_pairs import build_oracle_pairs
 
-    pairs = run.path("score", "pairs")
-    shutil.rmtree(pairs, ignore_errors=True)  # seconds to remake: never mix a half-written run's shards in
+    pairs = _fresh_pairs_folder(run)
     summary = build_oracle_pairs(run.path("generate", "candidates"),
                                  run.path("world", "annotations", "instances_train.json"), pairs)
-    if not summary["pairs"]:
-        message = f"{NO_PAIRS_MESSAGE}: every region's candidates tie under the oracle"
-        print(f"[shapes] {run.root}: {message}", flush=True)
-        return {"shards": None, "summary": summary, "no_pairs": message}
-    return {"shards": str(pairs), "summary": summary}
+    return _pairs_record(run, pairs, summary, "every region's candidates tie under the oracle")
 
 
 def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
