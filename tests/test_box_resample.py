@@ -13,7 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from spr_lightning.experiments.box_resample import build_constraint, location_token_ids, main, slot_positions
+from spr_lightning.experiments.box_resample import (
+    box_slots,
+    build_constraint,
+    location_token_ids,
+    main,
+    slot_positions,
+)
 from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_shapes_tokenizer, build_small_llava
 
 BASE = "<p>a small red circle</p> {<10><20><30><40>} and <p>a large blue square</p> {<50><50><90><95>}."
@@ -48,6 +54,18 @@ def test_constraint_keeps_words_frees_slots_and_ends():
     assert allowed(0, torch.zeros(6, dtype=torch.long)) == [2]
     assert allowed(1, torch.zeros(5, dtype=torch.long)) == locations
     assert allowed(1, torch.zeros(7, dtype=torch.long)) == [2]
+
+
+def test_box_slots_group_each_boxes_coordinates():
+    assert box_slots([False, True, True, False, True, True, True, True, False]) == [[1, 2], [4, 5, 6, 7]]
+    assert box_slots([False, False]) == []
+
+
+def test_constraint_frees_only_the_chosen_positions():
+    allowed = build_constraint([[7, 100, 101, 8]], prompt_length=0, location_ids=[100, 101, 102], eos_id=2,
+                               free=[[False, False, True, False]])
+    assert allowed(0, torch.zeros(1, dtype=torch.long)) == [100]
+    assert allowed(0, torch.zeros(2, dtype=torch.long)) == [100, 101, 102]
 
 
 def _candidates(folder: Path, texts: list[str]) -> Path:
@@ -127,3 +145,21 @@ def _tar_members(folder: Path):
     from spr_lightning.shards import tar_samples
 
     yield from tar_samples(str(next(folder.glob("*.tar"))))
+
+
+def test_one_box_variants_differ_in_one_box_only(policy, tmp_path):
+    from spr_lightning.coords import get_codec
+    from spr_lightning.experiments.pair_quality import iter_records
+
+    source = _candidates(tmp_path / "cands", [BASE])
+    main([str(policy), str(source), str(tmp_path / "out"), "--variants", "6", "--one-box", "--seed", "3"])
+    [(_, _, record)] = list(iter_records(tmp_path / "out", "candidate"))
+    assert record["resampled_boxes"] == "one"
+    codec = get_codec("minigpt_v2")
+    base = [g.xyxy for g in codec.decode(BASE, (100, 100))]
+    changed = set()
+    for text in record["candidates"]:
+        assert _words(text) == _words(BASE)
+        boxes = [g.xyxy for g in codec.decode(text, (100, 100))]
+        changed |= {k for k, (new, old) in enumerate(zip(boxes, base)) if new != old}
+    assert len(changed) == 1, f"all variants re-draw the same single box, got boxes {sorted(changed)} changed"

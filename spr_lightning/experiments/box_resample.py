@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_constraint", "location_token_ids", "main", "resample_boxes", "slot_positions"]
+__all__ = ["box_slots", "build_constraint", "location_token_ids", "main", "resample_boxes", "slot_positions"]
 
 _LOCATION = re.compile(r"^<\d+>$")
 
@@ -50,13 +51,26 @@ def slot_positions(token_ids: Sequence[int], location_ids: Sequence[int]) -> lis
     return [t in locations for t in token_ids]
 
 
+def box_slots(slots: Sequence[bool]) -> list[list[int]]:
+    """Positions of each box's coordinates: runs of consecutive slots (``{<a><b><c><d>}`` is one run of four)."""
+    boxes: list[list[int]] = []
+    for position, slot in enumerate(slots):
+        if slot and boxes and boxes[-1][-1] == position - 1:
+            boxes[-1].append(position)
+        elif slot:
+            boxes.append([position])
+    return boxes
+
+
 def build_constraint(descriptions: Sequence[Sequence[int]], prompt_length: int, location_ids: Sequence[int],
-                     eos_id: int) -> Callable[[int, torch.Tensor], list[int]]:
+                     eos_id: int, free: Sequence[Sequence[bool]] | None = None,
+                     ) -> Callable[[int, torch.Tensor], list[int]]:
     """A ``prefix_allowed_tokens_fn`` for ``generate``: every sequence of prompt ``i`` (``generate`` passes the
-    prompt's index, for all its ``num_return_sequences``) must write description ``i``'s word tokens as they are,
-    may write any location token where the description has one, and ends with ``eos_id``. ``prompt_length`` is the
-    (left-padded) prompt length of the batch."""
-    slots = [slot_positions(d, location_ids) for d in descriptions]
+    prompt's index, for all its ``num_return_sequences``) must write description ``i``'s tokens as they are,
+    except where ``free[i]`` is true (default: at every location token), where it may write any location token;
+    it ends with ``eos_id``. ``prompt_length`` is the (left-padded) prompt length of the batch."""
+    if free is None:
+        free = [slot_positions(d, location_ids) for d in descriptions]
     allowed_locations = list(location_ids)
 
     def allowed(index: int, sequence: torch.Tensor) -> list[int]:
@@ -64,7 +78,7 @@ def build_constraint(descriptions: Sequence[Sequence[int]], prompt_length: int, 
         tokens = descriptions[index]
         if step >= len(tokens):
             return [eos_id]
-        return allowed_locations if slots[index][step] else [int(tokens[step])]
+        return allowed_locations if free[index][step] else [int(tokens[step])]
 
     return allowed
 
@@ -89,10 +103,12 @@ def _read_regions(candidates_dir: str | Path) -> list[tuple[str, dict[str, Any],
 
 def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, *, variants: int = 4,
                    temperature: float = 1.0, top_p: float = 1.0, base: int = 0, batch_size: int = 8, seed: int = 0,
-                   adapter_path: str | None = None, coord_format: str = "minigpt_v2",
+                   adapter_path: str | None = None, coord_format: str = "minigpt_v2", one_box: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Write a candidates folder whose candidates are ``variants`` box re-samplings of each region's ``base``
-    candidate (words kept, every coordinate drawn again from ``model`` at ``temperature``).
+    candidate (words kept, every coordinate drawn again from ``model`` at ``temperature``). With ``one_box`` only
+    one box per region (picked at random, the same for all its variants) is drawn again and the others are kept, so
+    any two variants differ in exactly that box: a pair then says which box is better, not which of several.
 
     Returns:
         the summary (also ``out_dir/summary.json``): regions, regions skipped (a base without boxes), variants,
@@ -119,6 +135,8 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
     writer = ShardWriter(str(out_dir), prefix="candidates", samples_per_shard=200).start()
     stats = {"regions": 0, "skipped": 0, "variants": variants, "same_as_base": 0}
     torch.manual_seed(seed)
+    rng = random.Random(seed)
+    source = model if adapter_path is None else f"{model} + {adapter_path}"
     for first in tqdm(range(0, len(regions), batch_size), desc="box resampling", unit="batch", disable=not progress):
         batch = []
         for key, record, image in regions[first:first + batch_size]:
@@ -126,29 +144,32 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
             # tokenised as DPO tokenises the answer (after the chat template: a leading space, the end token)
             completion = render_prompt_and_completion(generator.processor, record["prompt"], text)[1]
             tokens = encode_completions(tokenizer, [completion])[0].tolist()
-            if not any(slot_positions(tokens, location_ids)):
+            slots = slot_positions(tokens, location_ids)
+            if not any(slots):
                 stats["skipped"] += 1
                 continue
-            batch.append((key, record, image, text, tokens))
+            if one_box:
+                picked = set(rng.choice(box_slots(slots)))
+                slots = [position in picked for position in range(len(tokens))]
+            batch.append((key, record, image, text, tokens, slots))
         if not batch:
             continue
-        images = [Image.open(io.BytesIO(image)).convert("RGB") for _, _, image, _, _ in batch]
-        inputs = generator.model_inputs([record["prompt"] for _, record, _, _, _ in batch], images)
-        constraint = build_constraint([tokens for *_, tokens in batch], inputs["input_ids"].shape[1], location_ids,
-                                      eos_id)
+        images = [Image.open(io.BytesIO(image)).convert("RGB") for _, _, image, *_ in batch]
+        inputs = generator.model_inputs([record["prompt"] for _, record, *_ in batch], images)
+        constraint = build_constraint([item[4] for item in batch], inputs["input_ids"].shape[1], location_ids,
+                                      eos_id, free=[item[5] for item in batch])
         with torch.no_grad():
             out = generator.model.generate(
                 **inputs, num_return_sequences=variants, do_sample=True, temperature=temperature, top_p=top_p,
-                max_new_tokens=max(len(tokens) for *_, tokens in batch) + 1, prefix_allowed_tokens_fn=constraint)
+                max_new_tokens=max(len(item[4]) for item in batch) + 1, prefix_allowed_tokens_fn=constraint)
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, (key, record, image, text, _) in enumerate(batch):
+        for i, (key, record, image, text, *_) in enumerate(batch):
             new = [t.strip() for t in texts[i * variants:(i + 1) * variants]]
             size = tuple(record["image_size"])
             stats["same_as_base"] += sum(t == text for t in new)
             record = {**record, "candidates": new, "raw_candidates": new, "templates": ["region"] * variants,
                       "candidate_boxes": [[list(g.xyxy) for g in generator.codec.decode(t, size)] for t in new],
-                      "resampled_from": text, "model": generator.model_name_or_path if adapter_path is None
-                      else f"{generator.model_name_or_path} + {adapter_path}"}
+                      "resampled_from": text, "resampled_boxes": "one" if one_box else "all", "model": source}
             writer.write_sample({"__key__": key, "json": json.dumps(record).encode(), "jpg": image})
             stats["regions"] += 1
     writer.finish()
@@ -168,12 +189,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base", type=int, default=0, help="which candidate of each region keeps its words")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-box", action="store_true", help="draw one box per region again, keep the others")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter applied on top of the model")
     parser.add_argument("--coord-format", default="minigpt_v2")
     args = parser.parse_args(argv)
     summary = resample_boxes(args.model, args.candidates, args.out, variants=args.variants,
                              temperature=args.temperature, top_p=args.top_p, base=args.base, batch_size=args.batch_size,
-                             seed=args.seed, adapter_path=args.adapter, coord_format=args.coord_format)
+                             seed=args.seed, adapter_path=args.adapter, coord_format=args.coord_format,
+                             one_box=args.one_box)
     print(json.dumps(summary, indent=1))
     return summary
 
