@@ -10,6 +10,11 @@ pairs it returns. Per candidate ``T`` of a query (SPR §3.2):
   candidates of the batch, with ``B_ground`` from Grounding DINO on the crop for ``T_plain``;
 * ``S = λ S_sem + (1 - λ) S_loc`` (Eq. 3, λ = 0.8).
 
+``loc_mode: phrase`` swaps Algorithm 1 for the phrase-matched score of
+:mod:`~spr_lightning.scoring.phrase_localization` (each written box against the grounder's boxes for its own
+phrase; not the paper's, see that module for why it exists). The grounder then runs once per distinct phrase of a
+query instead of once per plain text, and refinement snaps to ``dedup(B_anno ++ all those phrase boxes)``.
+
 The highest-``S`` candidate is refined (:func:`~spr_lightning.scoring.refine.refine_description`) and becomes
 ``chosen``; the lowest is ``rejected`` as generated. Queries whose best and worst tie are not paired.
 
@@ -19,6 +24,7 @@ with ``B_ground = ∅`` (annotations are the only ground truth and the written b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,11 +38,15 @@ from spr_lightning.coords import Codec, get_codec
 from spr_lightning.regions import crop_to_image
 from spr_lightning.scoring.grounders import Grounder, crop_image, ground_in_region
 from spr_lightning.scoring.localization import DEFAULT_DEDUP_IOU_THRESHOLD, Box, localization_scores
+from spr_lightning.scoring.phrase_localization import phrase_localization_scores, phrase_targets
 from spr_lightning.scoring.refine import refine_description
 from spr_lightning.scoring.semantic import SemanticScorer
 from spr_lightning.shards import SCHEMA_VERSION
 
-__all__ = ["PreferenceBuilder", "Query", "combine_scores", "select_pair"]
+__all__ = ["LOC_MODES", "PreferenceBuilder", "Query", "combine_scores", "select_pair"]
+
+#: ``algorithm1``: SPR's localization score (the paper, default); ``phrase``: the phrase-matched score.
+LOC_MODES = ("algorithm1", "phrase")
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +96,10 @@ class Query:
     plains: list[str]
     text_boxes: list[list[Box]]
     anno_boxes: list[Box]
+    box_phrases: list[list[str]] = field(default_factory=list)  # per candidate, the phrase of each written box
     ground_boxes: list[list[Box]] = field(default_factory=list)
+    phrase_ground: dict[str, list[Box]] = field(default_factory=dict)  # loc_mode "phrase": grounder boxes per phrase
+    box_scores: list[list[float]] = field(default_factory=list)  # loc_mode "phrase": s_k per candidate
 
 
 def _box(values: Sequence[float]) -> Box:
@@ -127,6 +140,8 @@ class PreferenceBuilder(LightningModule):
             answers teach DPO to stop writing boxes, so small-model runs turn it on. Counted as ``emptied``.
         refine_keep_unmatched: refinement keeps boxes that match nothing as written instead of removing them
             (:func:`~spr_lightning.scoring.refine.refine_description`); off by default (the paper removes them).
+        loc_mode: ``"algorithm1"`` (the paper) or ``"phrase"``: each written box scored against the grounder's
+            boxes for its own phrase (:mod:`~spr_lightning.scoring.phrase_localization`; not in the paper).
     """
 
     def __init__(
@@ -145,8 +160,11 @@ class PreferenceBuilder(LightningModule):
         grounder_batch_size: int = 8,
         skip_emptied: bool = False,
         refine_keep_unmatched: bool = False,
+        loc_mode: str = "algorithm1",
     ) -> None:
         super().__init__()
+        if loc_mode not in LOC_MODES:
+            raise ValueError(f"loc_mode must be one of {LOC_MODES}, got {loc_mode!r}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if grounder_batch_size < 1:
@@ -194,6 +212,7 @@ class PreferenceBuilder(LightningModule):
             key=sample["__key__"], record=record, image=sample["image"], image_data=image_data, codec=codec,
             coord_format=fmt, image_size=(width, height), region=region, crop_box=crop, texts=texts,
             plains=[codec.strip(t) for t in texts], text_boxes=[[g.xyxy for g in d] for d in decoded],
+            box_phrases=[[(g.phrase or codec.strip(t)).strip() for g in d] for t, d in zip(texts, decoded)],
             anno_boxes=[_box(o["box"]) for o in record.get("objects", [])],
         )  # fmt: skip
 
@@ -205,11 +224,16 @@ class PreferenceBuilder(LightningModule):
         return self._codecs[key]
 
     def _ground(self, queries: list[Query]) -> None:
-        """``B_ground`` per candidate: the grounder on the query's crop, once per distinct plain text of a query.
+        """``B_ground`` per candidate: the grounder on the query's crop, once per distinct plain text of a query
+        (``loc_mode: phrase``: once per distinct phrase; a candidate's ``B_ground`` is then its phrases' boxes).
 
         Backends with ``ground_batch`` get the crops of the whole batch in chunks of ``grounder_batch_size``.
         """
-        jobs = sorted({(i, p) for i, q in enumerate(queries) for p in q.plains if p.strip()})
+        if self.hparams.loc_mode == "phrase":
+            captions = [{p for phrases in q.box_phrases for p in phrases} for q in queries]
+        else:
+            captions = [set(q.plains) for q in queries]
+        jobs = sorted({(i, p) for i, caps in enumerate(captions) for p in caps if p.strip()})
         found: dict[tuple[int, str], list[Box]] = {}
         if self.grounder is not None and jobs:
             size = self.hparams.grounder_batch_size
@@ -218,7 +242,11 @@ class PreferenceBuilder(LightningModule):
                 results = self._ground_chunk([queries[i] for i, _ in chunk], [p for _, p in chunk])
                 found.update(zip(chunk, results))
         for i, q in enumerate(queries):
-            q.ground_boxes = [found.get((i, p), []) for p in q.plains]
+            if self.hparams.loc_mode == "phrase":
+                q.phrase_ground = {p: found.get((i, p), []) for p in captions[i]}
+                q.ground_boxes = [[b for p in dict.fromkeys(ps) for b in q.phrase_ground[p]] for ps in q.box_phrases]
+            else:
+                q.ground_boxes = [found.get((i, p), []) for p in q.plains]
 
     def _ground_chunk(self, queries: list[Query], captions: list[str]) -> list[list[Box]]:
         thresholds = {"box_threshold": self.hparams.box_threshold, "text_threshold": self.hparams.text_threshold}
@@ -243,11 +271,33 @@ class PreferenceBuilder(LightningModule):
             dedup_iou_threshold=self.hparams.dedup_iou_threshold,
             device=self.device,
         )
+        if self.hparams.loc_mode == "phrase":
+            flat = self._phrase_localization(queries, flat)
         out, start = [], 0
         for q in queries:
             out.append(flat[start : start + len(q.texts)])
             start += len(q.texts)
         return out
+
+    def _phrase_localization(self, queries: list[Query], flat: list[Any]) -> list[Any]:
+        """Replace each candidate's score by the phrase-matched one (Algorithm 1's ``B_gt`` stays for
+        refinement); per-box scores go to ``Query.box_scores``."""
+        keys = [(i, p) for i, q in enumerate(queries) for p in sorted(q.phrase_ground)]
+        targets = dict(zip(keys, phrase_targets(
+            [queries[i].phrase_ground[p] for i, p in keys], [queries[i].anno_boxes for i, _ in keys],
+            snap_iou_threshold=self.hparams.dedup_iou_threshold, device=self.device,
+        )))  # fmt: skip
+        scored = phrase_localization_scores(
+            [b for q in queries for b in q.text_boxes],
+            [[targets[(i, p)] for p in ps] for i, q in enumerate(queries) for ps in q.box_phrases],
+            iou_threshold=self.hparams.loc_iou_threshold, dedup_iou_threshold=self.hparams.dedup_iou_threshold,
+            device=self.device,
+        )  # fmt: skip
+        start = 0
+        for q in queries:
+            q.box_scores = [per_box for _, per_box in scored[start : start + len(q.texts)]]
+            start += len(q.texts)
+        return [dataclasses.replace(result, score=score) for result, (score, _) in zip(flat, scored)]
 
     def _semantic(self, queries: list[Query]) -> list[list[dict[str, float]] | None]:
         """``S_sem`` per candidate. Each distinct plain text of a query is scored once, so candidates that
@@ -277,6 +327,8 @@ class PreferenceBuilder(LightningModule):
         for k in range(len(q.texts)):
             entry = dict(sem[k]) if sem is not None else {"sem": None}
             entry["loc"] = loc[k].score
+            if q.box_scores:
+                entry["box_loc"] = q.box_scores[k]
             entry["total"] = combine_scores(entry["sem"], loc[k].score, self.hparams.lam)
             scores.append(entry)
         self.counts["queries"] += 1

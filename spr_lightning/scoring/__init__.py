@@ -6,6 +6,8 @@
   :class:`GroundingDinoPy` (``groundingdino-py``), :func:`ground_in_region`.
 - :mod:`~spr_lightning.scoring.gdino_compat`: runtime shim so ``groundingdino-py`` runs under transformers 5.
 - :mod:`~spr_lightning.scoring.localization`: the localization score (Algorithm 1) on the box kernels.
+- :mod:`~spr_lightning.scoring.phrase_localization`: the phrase-matched localization score (``loc_mode: phrase``;
+  an option, not the paper's).
 - :mod:`~spr_lightning.scoring.refine`: refinement of the preferred description.
 
 See ``docs/scoring.md``.
@@ -36,6 +38,11 @@ from spr_lightning.scoring.localization import (
     merge_dedup,
     pad_box_sets,
 )
+from spr_lightning.scoring.phrase_localization import (
+    phrase_localization_score_reference,
+    phrase_localization_scores,
+    phrase_targets,
+)
 from spr_lightning.scoring.refine import RefineResult, refine_description
 from spr_lightning.scoring.semantic import SemanticScorer, pad_to_square
 
@@ -60,6 +67,9 @@ __all__ = [
     "merge_dedup",
     "pad_box_sets",
     "pad_to_square",
+    "phrase_localization_score_reference",
+    "phrase_localization_scores",
+    "phrase_targets",
     "pixel_crop_box",
     "refine_description",
     "region_patch_mask",
