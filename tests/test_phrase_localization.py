@@ -3,11 +3,15 @@ the plain-Python transcription, and the PreferenceBuilder wiring (one grounder c
 
 from __future__ import annotations
 
+import glob
 import io
+import json
 import random
+import sys
 
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from spr_lightning.coords import get_codec
@@ -203,3 +207,31 @@ def test_builder_phrase_mode_refines_onto_annotations():
 def test_builder_rejects_unknown_loc_mode():
     with pytest.raises(ValueError, match="loc_mode must be one of"):
         PreferenceBuilder(loc_mode="phrases")
+
+
+
+def test_cli_phrase_mode_with_tiny_grounding_dino(tmp_path, monkeypatch):
+    """``--model.init_args.loc_mode phrase`` through LightningCLI with the real (tiny, random) HF Grounding DINO: one
+    per-box score per written box is recorded, and S_loc is their mean."""
+    from test_rewarding import QUERIES, _config, write_candidates
+    from test_rewarding import SIZE as FIXTURE_SIZE
+
+    from spr_lightning.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["spr_lightning"])  # cli_main parses its args, not pytest's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models are all overhead; see test_rewarding
+    try:
+        config = _config(tmp_path, write_candidates(tmp_path / "cands"), tmp_path / "pairs")
+        cli = cli_main(["predict", "--config", str(config), "--model.init_args.loc_mode", "phrase"])
+    finally:
+        torch.set_num_threads(threads)
+    assert cli.model.hparams.loc_mode == "phrase" and cli.model.summary["queries"] == 5
+    shards = sorted(glob.glob(str(tmp_path / "pairs" / "*.tar")))
+    records = [json.loads(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert records, "no pairs written"
+    for rec in records:
+        for text, entry in zip(QUERIES[rec["query_id"]], rec["all_scores"]):
+            boxes = FERRET.decode(text, FIXTURE_SIZE)
+            assert len(entry["box_loc"]) == len(boxes)
+            assert entry["loc"] == pytest.approx(sum(entry["box_loc"]) / len(boxes) if boxes else 0.0, abs=1e-6)
