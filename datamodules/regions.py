@@ -157,12 +157,16 @@ class RegionItem:
 
     ``image`` is the full RGB image and ``crop`` the region's crop (``None`` when no template uses it);
     both are ``None`` and ``error`` says why when the image could not be read and ``on_error="skip"``.
+    ``image_bytes`` is the file as stored when it is a JPEG that decodes to ``image`` as it is (see
+    :func:`reusable_jpeg`): the candidate shard then stores those bytes, so scoring and DPO see the very pixels
+    the policy generated from instead of a second JPEG compression of them.
     """
 
     spec: RegionSpec
     image: Image.Image | None
     crop: Image.Image | None
     error: str | None = None
+    image_bytes: bytes | None = None
 
 
 def pixel_crop_box(crop_box: Sequence[float], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -214,6 +218,17 @@ def build_region_specs(
     return specs
 
 
+def reusable_jpeg(data: bytes, image: Image.Image) -> bytes | None:
+    """``data`` when it is an RGB JPEG whose stored pixels are ``image`` (no EXIF rotation was applied on load),
+    else ``None``: only then does decoding the bytes again give what the generator saw."""
+    try:
+        with Image.open(io.BytesIO(data)) as handle:
+            same = handle.format == "JPEG" and handle.mode == "RGB" and handle.size == image.size
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return data if same else None
+
+
 def load_image(path: Path, expected_size: tuple[int, int],
                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """The image as RGB; ``ImageLoadError`` naming the file when it is missing, corrupt, too large or the wrong
@@ -239,15 +254,16 @@ class RegionDataset(Dataset):
         if index >= len(self.specs):
             return None
         spec = self.specs[index]
+        path = self.image_root / spec.file_name
         try:
-            image = load_image(self.image_root / spec.file_name, spec.image_size, self.max_image_pixels)
+            image = load_image(path, spec.image_size, self.max_image_pixels)
         except ImageLoadError as exc:
             if self.on_error == "raise":
                 raise
             return RegionItem(spec, None, None, error=str(exc))
         crop = image.crop(tuple(int(v) for v in spec.region.crop_box)) if any(p.uses_crop for p in spec.prompts) \
             else None
-        return RegionItem(spec, image, crop)
+        return RegionItem(spec, image, crop, image_bytes=reusable_jpeg(path.read_bytes(), image))
 
 
 def collate_regions(items: list[RegionItem | None]) -> list[RegionItem]:

@@ -290,7 +290,9 @@ class CandidateGenerator(LightningModule):
         model = self.model_name_or_path if self.hparams.adapter_path is None else (
             f"{self.model_name_or_path} + {self.hparams.adapter_path}")
         record = build_record(spec, prompt, candidates, model, template_prompts)
-        return {"__key__": spec.region_id, "json": record, "jpg": item.image}
+        # The file's own JPEG bytes when they decode to the pixels generated from; else the image, encoded once.
+        image = item.image_bytes if item.image_bytes is not None else item.image
+        return {"__key__": spec.region_id, "json": record, "jpg": image}
 
     def on_predict_start(self) -> None:
         self._start = time.perf_counter()

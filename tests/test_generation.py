@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from fixtures_coco import write_coco_fixture
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import RunningStage
+from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from callbacks import ShardWriter
@@ -24,6 +26,7 @@ from datamodules.regions import (
     ImageLoadError,
     RegionQueryDataModule,
     collate_regions,
+    reusable_jpeg,
 )
 from spr_lightning.cli import cli_main
 from spr_lightning.coords import get_codec
@@ -97,6 +100,43 @@ def test_generator_rejects_inconsistent_settings():
         CandidateGenerator("tiny:llava", "ferret", templates=["nope"])
 
 
+def test_candidate_shards_keep_the_jpeg_the_policy_saw(coco, monkeypatch):
+    """A JPEG file goes into the candidate shard byte for byte (scoring and DPO decode the pixels generation saw);
+    a PNG goes in as the decoded image (encoded once by the shard writer)."""
+    data = make_data(coco)
+    data.setup("predict")
+    dataset = data.predict_dataloader().dataset
+    items = collate_regions([dataset[i] for i in range(len(dataset.specs))])
+    gen = CandidateGenerator("tiny:llava", "ferret", num_candidates=2)
+    monkeypatch.setattr(gen, "generate", lambda prompts, images, frames: [["a shape."] * 2 for _ in prompts])
+    kinds = set()
+    for item, sample in zip(items, gen.predict_step(items)):
+        stored = (Path(coco.image_root) / item.spec.file_name).read_bytes()
+        if item.spec.file_name.endswith(".jpg"):
+            assert item.image_bytes == stored and sample["jpg"] == stored
+            assert Image.open(io.BytesIO(sample["jpg"])).convert("RGB").tobytes() == item.image.tobytes()
+        else:
+            assert item.image_bytes is None and sample["jpg"] is item.image
+        kinds.add(item.spec.file_name[-3:])
+    assert kinds == {"jpg", "png"}  # the fixture has both
+
+
+def test_reusable_jpeg_refuses_what_would_decode_differently():
+    image = Image.new("RGB", (40, 20), (200, 30, 30))
+    jpeg, png, grey, rotated = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    image.save(jpeg, format="JPEG")
+    image.save(png, format="PNG")
+    image.convert("L").save(grey, format="JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: loaded transposed when the annotations say 20 x 40
+    image.save(rotated, format="JPEG", exif=exif)
+    assert reusable_jpeg(jpeg.getvalue(), image) == jpeg.getvalue()
+    assert reusable_jpeg(png.getvalue(), image) is None
+    assert reusable_jpeg(grey.getvalue(), image.convert("L").convert("RGB")) is None  # decoded as L, not RGB
+    assert reusable_jpeg(rotated.getvalue(), image.transpose(Image.Transpose.ROTATE_270)) is None
+    assert reusable_jpeg(b"not an image", image) is None
+
+
 def test_predict_step_maps_known_answers_without_a_model(coco, monkeypatch):
     data = make_data(coco)
     data.setup("predict")
@@ -120,7 +160,8 @@ def test_predict_step_maps_known_answers_without_a_model(coco, monkeypatch):
             assert torch.allclose(torch.tensor(boxes[0]), torch.tensor(expected), atol=1.0)
         assert record["prompt"] == gen.canonical_prompt.format(region=gen.codec.encode(item.spec.region.box,
                                                                                        item.spec.image_size))
-        assert sample["jpg"].size == tuple(record["image_size"])
+        image = sample["jpg"] if isinstance(sample["jpg"], Image.Image) else Image.open(io.BytesIO(sample["jpg"]))
+        assert image.size == tuple(record["image_size"])
     assert gen.stats == {"regions": 2, "queries": 6, "candidates": 12, "failed": 0}
 
 
