@@ -68,14 +68,14 @@ def test_constraint_frees_only_the_chosen_positions():
     assert allowed(0, torch.zeros(2, dtype=torch.long)) == [100, 101, 102]
 
 
-def _candidates(folder: Path, texts: list[str]) -> Path:
+def _candidates(folder: Path, texts: list[str], second: str = "ignored") -> Path:
     folder.mkdir(parents=True)
     buffer = io.BytesIO()
     Image.new("RGB", (100, 100), (200, 30, 30)).save(buffer, format="JPEG")
     with tarfile.open(folder / "candidates-r000-000000.tar", "w") as tar:
         for i, text in enumerate(texts):
             record = {"schema": 1, "query_id": f"1-{i}", "image_id": 1, "image_size": [100, 100],
-                      "region": [0, 0, 99, 99], "prompt": PROMPT, "candidates": [text, "ignored"],
+                      "region": [0, 0, 99, 99], "prompt": PROMPT, "candidates": [text, second],
                       "coord_format": "minigpt_v2"}
             for name, payload in ((f"1-{i}.json", json.dumps(record).encode()), (f"1-{i}.jpg", buffer.getvalue())):
                 info = tarfile.TarInfo(name)
@@ -96,7 +96,8 @@ def test_variants_keep_the_words_and_resample_the_boxes(policy, tmp_path):
 
     source = _candidates(tmp_path / "cands", [BASE, "no box in this one.", OTHER])
     summary = main([str(policy), str(source), str(tmp_path / "out"), "--variants", "3", "--seed", "1"])
-    assert summary == {"regions": 2, "skipped": 1, "variants": 3, "same_as_base": summary["same_as_base"]}
+    assert summary == {"regions": 2, "skipped": 1, "variants": 3, "same_as_base": summary["same_as_base"],
+                       "bases": [0]}
     records = {key: record for _, key, record in iter_records(tmp_path / "out", "candidate")}
     assert sorted(records) == ["1-0", "1-2"]
     for key, base, boxes_per_answer in (("1-0", BASE, 2), ("1-2", OTHER, 1)):
@@ -163,3 +164,18 @@ def test_one_box_variants_differ_in_one_box_only(policy, tmp_path):
         boxes = [g.xyxy for g in codec.decode(text, (100, 100))]
         changed |= {k for k, (new, old) in enumerate(zip(boxes, base)) if new != old}
     assert len(changed) == 1, f"all variants re-draw the same single box, got boxes {sorted(changed)} changed"
+
+
+def test_several_bases_give_one_sample_per_candidate(policy, tmp_path):
+    from spr_lightning.experiments.pair_quality import iter_records
+
+    source = _candidates(tmp_path / "cands", [BASE, "no box in this one."], second=OTHER)
+    summary = main([str(policy), str(source), str(tmp_path / "out"), "--variants", "2", "--base", "0", "1", "5"])
+    assert summary["regions"] == 3 and summary["skipped"] == 1 and summary["bases"] == [0, 1, 5]
+    records = {key: record for _, key, record in iter_records(tmp_path / "out", "candidate")}
+    # 1-1's first candidate has no box (skipped); candidate 5 does not exist (not asked for)
+    assert sorted(records) == ["1-0_b0", "1-0_b1", "1-1_b1"]
+    expected = {"1-0_b0": BASE, "1-0_b1": OTHER, "1-1_b1": OTHER}
+    for key, record in records.items():
+        assert record["resampled_from"] == expected[key]
+        assert all(_words(t) == _words(expected[key]) for t in record["candidates"])

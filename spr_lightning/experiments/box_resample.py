@@ -102,13 +102,18 @@ def _read_regions(candidates_dir: str | Path) -> list[tuple[str, dict[str, Any],
 
 
 def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, *, variants: int = 4,
-                   temperature: float = 1.0, top_p: float = 1.0, base: int = 0, batch_size: int = 8, seed: int = 0,
+                   temperature: float = 1.0, top_p: float = 1.0, base: int | Sequence[int] = 0, batch_size: int = 8,
+                   seed: int = 0,
                    adapter_path: str | None = None, coord_format: str = "minigpt_v2", one_box: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Write a candidates folder whose candidates are ``variants`` box re-samplings of each region's ``base``
     candidate (words kept, every coordinate drawn again from ``model`` at ``temperature``). With ``one_box`` only
     one box per region (picked at random, the same for all its variants) is drawn again and the others are kept, so
     any two variants differ in exactly that box: a pair then says which box is better, not which of several.
+
+    ``base`` may list several candidates (``[0, 1, 2, 3]``): each region then gives one sample per listed candidate
+    it has, keyed ``<region key>_b<k>`` (so the score stage's resume tells them apart); a single ``base`` keeps the
+    region's key.
 
     Returns:
         the summary (also ``out_dir/summary.json``): regions, regions skipped (a base without boxes), variants,
@@ -131,16 +136,25 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
     tokenizer = generator.processor.tokenizer
     location_ids = location_token_ids(tokenizer)
     eos_id = tokenizer.eos_token_id
-    regions = _read_regions(candidates_dir)
+    several = not isinstance(base, int)
+    bases = list(base) if several else [base]
+    if several and (not bases or min(bases) < 0):
+        raise ValueError(f"base must list candidate indices >= 0, got {bases}")
+    work = []  # (output key, record, image, candidate index)
+    for key, record, image in _read_regions(candidates_dir):
+        if several:
+            work += [(f"{key}_b{k}", record, image, k) for k in bases if k < len(record["candidates"])]
+        else:
+            work.append((key, record, image, min(base, len(record["candidates"]) - 1)))
     writer = ShardWriter(str(out_dir), prefix="candidates", samples_per_shard=200).start()
-    stats = {"regions": 0, "skipped": 0, "variants": variants, "same_as_base": 0}
+    stats = {"regions": 0, "skipped": 0, "variants": variants, "same_as_base": 0, "bases": bases}
     torch.manual_seed(seed)
     rng = random.Random(seed)
     source = model if adapter_path is None else f"{model} + {adapter_path}"
-    for first in tqdm(range(0, len(regions), batch_size), desc="box resampling", unit="batch", disable=not progress):
+    for first in tqdm(range(0, len(work), batch_size), desc="box resampling", unit="batch", disable=not progress):
         batch = []
-        for key, record, image in regions[first:first + batch_size]:
-            text = record["candidates"][min(base, len(record["candidates"]) - 1)]
+        for key, record, image, index in work[first:first + batch_size]:
+            text = record["candidates"][index]
             # tokenised as DPO tokenises the answer (after the chat template: a leading space, the end token)
             completion = render_prompt_and_completion(generator.processor, record["prompt"], text)[1]
             tokens = encode_completions(tokenizer, [completion])[0].tolist()
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", type=int, default=4, help="box re-samplings per description")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass over location tokens")
-    parser.add_argument("--base", type=int, default=0, help="which candidate of each region keeps its words")
+    parser.add_argument("--base", type=int, nargs="+", default=[0],
+                        help="which candidate(s) of each region keep their words (several: one sample each)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--one-box", action="store_true", help="draw one box per region again, keep the others")
@@ -194,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--coord-format", default="minigpt_v2")
     args = parser.parse_args(argv)
     summary = resample_boxes(args.model, args.candidates, args.out, variants=args.variants,
-                             temperature=args.temperature, top_p=args.top_p, base=args.base, batch_size=args.batch_size,
+                             temperature=args.temperature, top_p=args.top_p,
+                             base=args.base[0] if len(args.base) == 1 else args.base, batch_size=args.batch_size,
                              seed=args.seed, adapter_path=args.adapter, coord_format=args.coord_format,
                              one_box=args.one_box)
     print(json.dumps(summary, indent=1))
