@@ -189,6 +189,17 @@ def test_experiment_run_links_folders_and_adds_overrides(tmp_path):
     assert config["trainer"]["accelerator"] == "cpu"
 
 
+def test_spr_boxes_arm_scores_its_own_candidates_without_the_grounder(tmp_path):
+    experiment = shapes.ShapesExperiment(tmp_path, "toy", [2], ["sft", "spr", "spr_boxes"])
+    boxes, spr = experiment.arm_run(2, "spr_boxes"), experiment.arm_run(2, "spr")
+    own = tmp_path / "seed_2" / "arms" / "spr_boxes" / "box_candidates"
+    assert boxes.path("generate", "candidates") == own / "candidates" == boxes.path("box_candidates", "candidates")
+    assert spr.path("generate", "candidates") == tmp_path / "seed_2" / "generate" / "candidates"
+    config = yaml.safe_load(boxes.config("score", "score.yaml", {}).read_text())["model"]["init_args"]
+    assert config["grounder"] is None and config["refine"] is False and config["lam"] == 0.8
+    assert config["semantic_scorer"] is not None
+
+
 def test_experiment_passes_the_accelerator_to_every_run(tmp_path):
     experiment = shapes.ShapesExperiment(tmp_path, "toy", [0, 1], ["sft", "spr"], accelerator="gpu")
     for run in (experiment.shared, experiment.seed_run(1), experiment.arm_run(1, "spr")):
@@ -299,10 +310,13 @@ def test_dpo_lr_and_epochs_apply_to_dpo_and_its_sft_twin(tmp_path):
 
 def test_every_arm_is_documented_and_the_sft_arm_is_the_baseline():
     assert list(shapes.ARMS) == ["sft", "spr", "sft_chosen", "spr_norefine", "loc_only", "sem_only", "oracle",
-                                 "rec_dpo"]
+                                 "rec_dpo", "spr_boxes"]
     assert shapes.ARMS["rec_dpo"].pairs == "rec" and shapes.ARMS["rec_dpo"].training == "dpo"
     assert shapes.ARMS["oracle"].pairs == "oracle" and shapes.ARMS["oracle"].training == "dpo"
-    assert all(arm.pairs == "descriptions" for name, arm in shapes.ARMS.items() if name not in ("rec_dpo", "oracle"))
+    assert shapes.ARMS["spr_boxes"].pairs == "boxes" and shapes.ARMS["spr_boxes"].training == "dpo"
+    assert shapes.ARMS["spr_boxes"].score == {"lam": 0.8, "refine": False, "grounder": None}
+    assert all(arm.pairs == "descriptions" for name, arm in shapes.ARMS.items()
+               if name not in ("rec_dpo", "oracle", "spr_boxes"))
     assert shapes.ARMS["sft"].training == "none" and shapes.ARMS["sft_chosen"].training == "sft_chosen"
     assert shapes.ARMS["loc_only"].score == {"lam": 0.0, "refine": True}
     assert shapes.ARMS["sem_only"].score == {"lam": 1.0, "refine": True}
@@ -332,7 +346,7 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     for arm, seeds in results["per_seed"].items():
         for seed, metrics in seeds.items():
             no_pairs = (arm == "sem_only") or (arm in ("spr", "sft_chosen") and seed == "1") or (
-                arm in ("rec_dpo", "oracle") and results["pairs"][arm][seed]["pairs"] == 0)
+                arm in ("rec_dpo", "oracle", "spr_boxes") and results["pairs"][arm][seed]["pairs"] == 0)
             assert (metrics is None) == no_pairs, (arm, seed)
             if metrics is not None:
                 assert set(metrics) == set(shapes.METRICS)

@@ -21,12 +21,19 @@ arm               mirrors                             model evaluated
                                                       questions, best IoU against worst
                                                       (:mod:`~spr_lightning.experiments.rec_pairs`): as many
                                                       questions as the seed has regions, as many samples each
+``spr_boxes``     not in the paper (our variant)      SPR's score on candidates that keep a description's
+                                                      words and re-draw *one* of its boxes from the policy
+                                                      (:mod:`~spr_lightning.experiments.box_resample`, 8 per
+                                                      description, every description of the seed), with
+                                                      ``B_ground = ∅`` (annotations only) and no refinement
 ================  ==================================  ==========================================================
 
 The two controls bound what SPR could do on the start: ``oracle`` is the best any reward on the same descriptions
 could rank them, ``rec_dpo`` asks whether the preference step moves the evaluated task at all when its pairs are
 that task's answers. Together they separate "the reward is wrong", "DPO cannot lift REC here" and "description
-pairs do not carry over to REC".
+pairs do not carry over to REC". ``spr_boxes`` is what those controls led to (``docs/results.md``, sessions 17-18):
+on a start that cannot bind words to objects, pairs that differ only in where one box is teach box precision, and
+Algorithm 1 only rewards it without the grounder (its boxes sit on both sides and hide the written ones).
 
 Layout under ``--out``: one world, one pretrained vision tower and one CLIP (``world/``, ``vision/``, ``clip/``,
 seed 0, shared by every seed); per seed
@@ -116,8 +123,10 @@ class Arm:
         score: ``PreferenceBuilder`` init args of its scoring stage (``lam``, ``refine``); ``None``: no scoring.
         pairs: where its DPO pairs come from: ``descriptions`` (SPR's score stage on the seed's candidates),
             ``oracle`` (the same candidates ranked by the annotations,
-            :func:`~spr_lightning.experiments.oracle_pairs.build_oracle_pairs`) or ``rec``
-            (:func:`~spr_lightning.experiments.rec_pairs.build_rec_pairs`); the last two in its ``score`` folder.
+            :func:`~spr_lightning.experiments.oracle_pairs.build_oracle_pairs`), ``rec``
+            (:func:`~spr_lightning.experiments.rec_pairs.build_rec_pairs`; these two in its ``score`` folder) or
+            ``boxes`` (SPR's score stage on one-box re-samplings of the seed's candidates, made in the arm's
+            ``box_candidates`` folder by :func:`~spr_lightning.experiments.box_resample.resample_boxes`).
     """
 
     paper: str
@@ -143,7 +152,13 @@ ARMS: dict[str, Arm] = {
     "rec_dpo": Arm("control (not in the paper)",
                    "LoRA DPO on the start's own REC answers to training questions, best IoU vs worst", "dpo",
                    pairs="rec"),
+    "spr_boxes": Arm("variant (not in the paper)",
+                     "SPR's score (B_ground = ∅, unrefined) on one-box re-samplings of the seed's descriptions, "
+                     "LoRA DPO", "dpo", {"lam": 0.8, "refine": False, "grounder": None}, pairs="boxes"),
 }  # fmt: skip
+
+#: Box re-samplings per description of the ``spr_boxes`` arm (each re-draws the same one box).
+BOX_VARIANTS = 8
 
 
 # ----------------------------------------------------------------------------------------- run folders
@@ -316,6 +331,21 @@ def _stage_oracle_pairs(run: ExperimentRun) -> dict[str, Any]:
     summary = build_oracle_pairs(run.path("generate", "candidates"),
                                  run.path("world", "annotations", "instances_train.json"), pairs)
     return _pairs_record(run, pairs, summary, "every region's candidates tie under the oracle")
+
+
+def _stage_box_candidates(run: ExperimentRun, seed: int, source: Path) -> dict[str, Any]:
+    """The ``spr_boxes`` arm's candidates: every description of the seed (``source``) kept word for word, one of its
+    boxes drawn again :data:`BOX_VARIANTS` times by the SFT start. Remade from scratch when it runs."""
+    import shutil
+
+    from spr_lightning.experiments.box_resample import resample_boxes
+
+    out = run.path("box_candidates", "candidates")
+    shutil.rmtree(out, ignore_errors=True)
+    per_region = max((len(r["candidates"]) for _, _, r in iter_records(source, "candidate")), default=1)
+    return resample_boxes(str(run.path("sft", "model", "final")), source, out, variants=BOX_VARIANTS,
+                          base=list(range(per_region)), seed=seed, coord_format=quickstart.COORD_FORMAT,
+                          one_box=True)
 
 
 def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
@@ -631,6 +661,8 @@ class ShapesExperiment:
             seed = self.seeds[0]  # one shared SFT start: evaluated once, the same numbers for every seed
         root = self.out / f"seed_{seed}"
         links = {**self._shared_links(seed), "generate": root / "generate"}
+        if ARMS[arm].pairs == "boxes":  # its score stage reads the arm's own candidates (see _score)
+            links["generate"] = root / "arms" / arm / "box_candidates"
         score = {f"model.init_args.{k}": v for k, v in (ARMS[arm].score or {}).items()}
         lr = {} if self.dpo_lr is None else {"model.init_args.lr": self.dpo_lr}  # DPO and its Tab. 8 twin alike
         overrides = {"*": {"seed_everything": seed}, "score": score, "dpo": {"data.init_args.seed": seed, **lr},
@@ -727,7 +759,11 @@ class ShapesExperiment:
                                 samples=self.rec_dpo_samples)
         fn = {"rec": rec, "oracle": _stage_oracle_pairs}.get(
             ARMS[arm].pairs, _stage_score)
-        return self.stage(self.arm_run(seed, arm), "score", fn, f"seed {seed} / {arm}")
+        run, scope = self.arm_run(seed, arm), f"seed {seed} / {arm}"
+        if ARMS[arm].pairs == "boxes":
+            source = self.seed_run(seed).path("generate", "candidates")
+            self.stage(run, "box_candidates", lambda r: _stage_box_candidates(r, seed, source), scope)
+        return self.stage(run, "score", fn, scope)
 
     def _train_arm(self, seed: int, arm: str, run: ExperimentRun, scope: str,
                    sft_model: str) -> tuple[str | None, str | None, dict[str, float] | None]:
