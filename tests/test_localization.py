@@ -74,18 +74,25 @@ def test_dedup_threshold_is_configurable():
     assert localization_score_reference([A_SHIFT], [A], [A], dedup_iou_threshold=0.9) == pytest.approx(1.0)
 
 
+def random_box(rng: random.Random) -> tuple[float, float, float, float]:
+    """A box of up to 40 px side somewhere in a 120 px square (shared with ``test_phrase_localization``)."""
+    x, y = rng.uniform(0, 80), rng.uniform(0, 80)
+    return (x, y, x + rng.uniform(0, 40), y + rng.uniform(0, 40))
+
+
+def jitter(rng: random.Random, box):
+    """``box`` with every coordinate moved by up to 4 px, so that IoUs land around the 0.5 / 0.7 thresholds."""
+    return tuple(v + rng.uniform(-4, 4) for v in box)
+
+
 def test_random_sets_match_reference():
     rng = random.Random(0)
 
     def box():
-        x, y = rng.uniform(0, 80), rng.uniform(0, 80)
-        return (x, y, x + rng.uniform(0, 40), y + rng.uniform(0, 40))
-
-    def jitter(b):
-        return tuple(v + rng.uniform(-4, 4) for v in b)
+        return random_box(rng)
 
     def near(anno, p, n):
-        return [jitter(rng.choice(anno)) if anno and rng.random() < p else box() for _ in range(rng.randint(0, n))]
+        return [jitter(rng, rng.choice(anno)) if anno and rng.random() < p else box() for _ in range(rng.randint(0, n))]
 
     texts, grounds, annos = [], [], []
     for _ in range(64):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from test_localization import jitter, random_box
 
 from spr_lightning.coords import get_codec
 from spr_lightning.rewarding import PreferenceBuilder
@@ -97,23 +98,20 @@ def test_random_sets_match_reference():
     rng = random.Random(0)
 
     def box():
-        x, y = rng.uniform(0, 80), rng.uniform(0, 80)
-        return (x, y, x + rng.uniform(0, 40), y + rng.uniform(0, 40))
-
-    def jitter(b):
-        return tuple(v + rng.uniform(-4, 4) for v in b)
+        return random_box(rng)
 
     grounds, annos, texts, targets = [], [], [], []
     for _ in range(48):
         anno = [box() for _ in range(rng.randint(0, 5))]
-        phrases = [[jitter(rng.choice(anno)) if anno and rng.random() < 0.6 else box()
+        phrases = [[jitter(rng, rng.choice(anno)) if anno and rng.random() < 0.6 else box()
                     for _ in range(rng.randint(0, 3))] for _ in range(rng.randint(1, 3))]  # fmt: skip
         grounds += phrases
         annos += [anno] * len(phrases)
         snapped = phrase_targets(phrases, [anno] * len(phrases), backend="torch")
         assert snapped == [phrase_targets_reference(g, anno) for g in phrases]
         which = [rng.randrange(len(phrases)) for _ in range(rng.randint(0, 5))]
-        texts.append([jitter(rng.choice(snapped[k])) if snapped[k] and rng.random() < 0.7 else box() for k in which])
+        texts.append([jitter(rng, rng.choice(snapped[k])) if snapped[k] and rng.random() < 0.7 else box()
+                      for k in which])
         targets.append([snapped[k] for k in which])
     scored = phrase_localization_scores(texts, targets, backend="torch")
     expected = [phrase_localization_score_reference(t, g) for t, g in zip(texts, targets)]
