@@ -179,3 +179,13 @@ def test_several_bases_give_one_sample_per_candidate(policy, tmp_path):
     for key, record in records.items():
         assert record["resampled_from"] == expected[key]
         assert all(_words(t) == _words(expected[key]) for t in record["candidates"])
+
+
+@pytest.mark.gpu
+def test_resampling_on_cuda_keeps_the_words(policy, tmp_path):
+    from spr_lightning.experiments.pair_quality import iter_records
+
+    source = _candidates(tmp_path / "cands", [BASE])
+    main([str(policy), str(source), str(tmp_path / "out"), "--variants", "3", "--one-box", "--device", "cuda"])
+    [(_, _, record)] = list(iter_records(tmp_path / "out", "candidate"))
+    assert all(_words(t) == _words(BASE) for t in record["candidates"])

@@ -105,7 +105,7 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
                    temperature: float = 1.0, top_p: float = 1.0, base: int | Sequence[int] = 0, batch_size: int = 8,
                    seed: int = 0,
                    adapter_path: str | None = None, coord_format: str = "minigpt_v2", one_box: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, device: str | None = None) -> dict[str, Any]:
     """Write a candidates folder whose candidates are ``variants`` box re-samplings of each region's ``base``
     candidate (words kept, every coordinate drawn again from ``model`` at ``temperature``). With ``one_box`` only
     one box per region (picked at random, the same for all its variants) is drawn again and the others are kept, so
@@ -113,7 +113,7 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
 
     ``base`` may list several candidates (``[0, 1, 2, 3]``): each region then gives one sample per listed candidate
     it has, keyed ``<region key>_b<k>`` (so the score stage's resume tells them apart); a single ``base`` keeps the
-    region's key.
+    region's key. ``device`` (e.g. ``"cuda"``) is where the policy runs; the CPU by default.
 
     Returns:
         the summary (also ``out_dir/summary.json``): regions, regions skipped (a base without boxes), variants,
@@ -133,6 +133,8 @@ def resample_boxes(model: str, candidates_dir: str | Path, out_dir: str | Path, 
     generator = CandidateGenerator(model, coord_format, num_candidates=variants, temperature=temperature,
                                    top_p=top_p, seed=seed, adapter_path=adapter_path)
     generator.configure_model()
+    if device is not None:
+        generator.to(device)
     tokenizer = generator.processor.tokenizer
     location_ids = location_token_ids(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -207,12 +209,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--one-box", action="store_true", help="draw one box per region again, keep the others")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter applied on top of the model")
     parser.add_argument("--coord-format", default="minigpt_v2")
+    parser.add_argument("--device", default=None, help="where the policy runs (e.g. cuda); default: the CPU")
     args = parser.parse_args(argv)
     summary = resample_boxes(args.model, args.candidates, args.out, variants=args.variants,
                              temperature=args.temperature, top_p=args.top_p,
                              base=args.base[0] if len(args.base) == 1 else args.base, batch_size=args.batch_size,
                              seed=args.seed, adapter_path=args.adapter, coord_format=args.coord_format,
-                             one_box=args.one_box)
+                             one_box=args.one_box, device=args.device)
     print(json.dumps(summary, indent=1))
     return summary
 

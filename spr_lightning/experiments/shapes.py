@@ -338,14 +338,17 @@ def _stage_box_candidates(run: ExperimentRun, seed: int, source: Path) -> dict[s
     boxes drawn again :data:`BOX_VARIANTS` times by the SFT start. Remade from scratch when it runs."""
     import shutil
 
+    import torch
+
     from spr_lightning.experiments.box_resample import resample_boxes
 
     out = run.path("box_candidates", "candidates")
     shutil.rmtree(out, ignore_errors=True)
     per_region = max((len(r["candidates"]) for _, _, r in iter_records(source, "candidate")), default=1)
+    device = "cuda" if run.accelerator != "cpu" and torch.cuda.is_available() else None
     return resample_boxes(str(run.path("sft", "model", "final")), source, out, variants=BOX_VARIANTS,
                           base=list(range(per_region)), seed=seed, coord_format=quickstart.COORD_FORMAT,
-                          one_box=True)
+                          one_box=True, device=device)
 
 
 def _stage_chosen_data(run: ExperimentRun, pairs_dir: Path) -> dict[str, Any]:
