@@ -165,6 +165,9 @@ class PreferenceBuilder(LightningModule):
         super().__init__()
         if loc_mode not in LOC_MODES:
             raise ValueError(f"loc_mode must be one of {LOC_MODES}, got {loc_mode!r}")
+        if loc_mode == "phrase" and grounder is None:
+            raise ValueError("loc_mode 'phrase' scores each box against the grounder's boxes for its phrase: it needs "
+                             "a grounder (grounder: null would tie every candidate at 0)")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if grounder_batch_size < 1:

@@ -205,6 +205,8 @@ def test_builder_phrase_mode_refines_onto_annotations():
 def test_builder_rejects_unknown_loc_mode():
     with pytest.raises(ValueError, match="loc_mode must be one of"):
         PreferenceBuilder(loc_mode="phrases")
+    with pytest.raises(ValueError, match="needs a grounder"):
+        PreferenceBuilder(loc_mode="phrase", grounder=None)
 
 
 
