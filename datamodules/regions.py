@@ -230,10 +230,14 @@ def reusable_jpeg(data: bytes, image: Image.Image) -> bytes | None:
 
 
 def load_image(path: Path, expected_size: tuple[int, int],
-               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """The image as RGB; ``ImageLoadError`` naming the file when it is missing, corrupt, too large or the wrong
-    size (see :func:`open_rgb_image`)."""
-    return open_rgb_image(path, str(path), max_pixels=max_pixels, expected_size=expected_size)
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, bytes]:
+    """``(RGB image, the file's bytes)``, the file read once; ``ImageLoadError`` naming the file when it is missing,
+    corrupt, too large or the wrong size (see :func:`open_rgb_image`)."""
+    try:
+        data = path.read_bytes()
+    except OSError:  # missing or unreadable: open_rgb_image says which, naming the file
+        return open_rgb_image(path, str(path), max_pixels=max_pixels, expected_size=expected_size), b""
+    return open_rgb_image(data, str(path), max_pixels=max_pixels, expected_size=expected_size), data
 
 
 class RegionDataset(Dataset):
@@ -256,14 +260,14 @@ class RegionDataset(Dataset):
         spec = self.specs[index]
         path = self.image_root / spec.file_name
         try:
-            image = load_image(path, spec.image_size, self.max_image_pixels)
+            image, data = load_image(path, spec.image_size, self.max_image_pixels)
         except ImageLoadError as exc:
             if self.on_error == "raise":
                 raise
             return RegionItem(spec, None, None, error=str(exc))
         crop = image.crop(tuple(int(v) for v in spec.region.crop_box)) if any(p.uses_crop for p in spec.prompts) \
             else None
-        return RegionItem(spec, image, crop, image_bytes=reusable_jpeg(path.read_bytes(), image))
+        return RegionItem(spec, image, crop, image_bytes=reusable_jpeg(data, image))
 
 
 def collate_regions(items: list[RegionItem | None]) -> list[RegionItem]:
