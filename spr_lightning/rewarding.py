@@ -10,6 +10,9 @@ pairs it returns. Per candidate ``T`` of a query (SPR §3.2):
   candidates of the batch, with ``B_ground`` from Grounding DINO on the crop for ``T_plain``;
 * ``S = λ S_sem + (1 - λ) S_loc`` (Eq. 3, λ = 0.8).
 
+``loc_mode: algorithm1_gt`` keeps Algorithm 1 but puts the grounder's boxes on the ground-truth side only
+(``B_pred = dedup(B_text)``): a written box is then scored on every object, found by the grounder or annotated,
+instead of only on the annotated objects the grounder missed (``docs/scoring.md``; not the paper's).
 ``loc_mode: phrase`` swaps Algorithm 1 for the phrase-matched score of
 :mod:`~spr_lightning.scoring.phrase_localization` (each written box against the grounder's boxes for its own
 phrase; not the paper's, see that module for why it exists). The grounder then runs once per distinct phrase of a
@@ -45,8 +48,9 @@ from spr_lightning.shards import SCHEMA_VERSION
 
 __all__ = ["LOC_MODES", "PreferenceBuilder", "Query", "combine_scores", "select_pair"]
 
-#: ``algorithm1``: SPR's localization score (the paper, default); ``phrase``: the phrase-matched score.
-LOC_MODES = ("algorithm1", "phrase")
+#: ``algorithm1``: SPR's localization score (the paper, default); ``algorithm1_gt``: Algorithm 1 with the
+#: grounder's boxes in ``B_gt`` only (``B_pred`` = the written boxes); ``phrase``: the phrase-matched score.
+LOC_MODES = ("algorithm1", "algorithm1_gt", "phrase")
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +144,10 @@ class PreferenceBuilder(LightningModule):
             answers teach DPO to stop writing boxes, so small-model runs turn it on. Counted as ``emptied``.
         refine_keep_unmatched: refinement keeps boxes that match nothing as written instead of removing them
             (:func:`~spr_lightning.scoring.refine.refine_description`); off by default (the paper removes them).
-        loc_mode: ``"algorithm1"`` (the paper) or ``"phrase"``: each written box scored against the grounder's
-            boxes for its own phrase (:mod:`~spr_lightning.scoring.phrase_localization`; not in the paper).
+        loc_mode: ``"algorithm1"`` (the paper); ``"algorithm1_gt"``: Algorithm 1 with the grounder's boxes in
+            ``B_gt`` only, ``B_pred`` the written boxes alone (not in the paper); or ``"phrase"``: each written box
+            scored against the grounder's boxes for its own phrase
+            (:mod:`~spr_lightning.scoring.phrase_localization`; not in the paper).
     """
 
     def __init__(
@@ -273,6 +279,7 @@ class PreferenceBuilder(LightningModule):
             iou_threshold=self.hparams.loc_iou_threshold,
             dedup_iou_threshold=self.hparams.dedup_iou_threshold,
             device=self.device,
+            ground_in_pred=self.hparams.loc_mode != "algorithm1_gt",
         )
         if self.hparams.loc_mode == "phrase":
             flat = self._phrase_localization(queries, flat)

@@ -120,6 +120,7 @@ def localization_scores(
     dedup_iou_threshold: float = DEFAULT_DEDUP_IOU_THRESHOLD,
     device: torch.device | str | None = None,
     backend: str = "auto",
+    ground_in_pred: bool = True,
 ) -> list[LocalizationResult]:
     """Algorithm 1 for a batch of descriptions (steps 3-7; steps 1-2 are the codec and the grounder).
 
@@ -132,6 +133,10 @@ def localization_scores(
         dedup_iou_threshold: greedy de-duplication threshold of steps 3-4 (``>`` drops).
         device: where the kernels run (CUDA: Triton kernels under ``backend="auto"``).
         backend: kernel backend, see :mod:`kernels`.
+        ground_in_pred: step 4 as in the paper, ``B_pred = dedup(B_text ++ B_ground)``. ``False``: the
+            detector's boxes count as ground truth only, ``B_pred = dedup(B_text)`` (not the paper's; see
+            ``docs/scoring.md``: with the detector on both sides a written box scores only on objects the
+            detector missed).
 
     Returns:
         One :class:`LocalizationResult` per description, in order.
@@ -145,7 +150,8 @@ def localization_scores(
         return []
     common = {"iou_threshold": dedup_iou_threshold, "device": device, "backend": backend}
     gt, gt_origin = merge_dedup(anno_boxes, ground_boxes, **common)
-    pred, pred_origin = merge_dedup(text_boxes, ground_boxes, **common)
+    pred_extra = ground_boxes if ground_in_pred else [[] for _ in text_boxes]
+    pred, pred_origin = merge_dedup(text_boxes, pred_extra, **common)
     gt_t, gt_len = pad_box_sets(gt, device)
     pred_t, pred_len = pad_box_sets(pred, device)
     scores = localization_score(gt_t, pred_t, gt_len, pred_len, threshold=iou_threshold, backend=backend)
@@ -191,10 +197,12 @@ def localization_score_reference(
     *,
     iou_threshold: float = 0.5,
     dedup_iou_threshold: float = DEFAULT_DEDUP_IOU_THRESHOLD,
+    ground_in_pred: bool = True,
 ) -> float:
     """Algorithm 1 steps 3-7 for one description, written out line by line in plain Python (for tests)."""
     b_gt = _dedup(list(anno_boxes) + list(ground_boxes), dedup_iou_threshold)  # step 3
-    b_pred = _dedup(list(text_boxes) + list(ground_boxes), dedup_iou_threshold)  # step 4
+    pred_extra = list(ground_boxes) if ground_in_pred else []  # ground_in_pred=False: B_pred = dedup(B_text)
+    b_pred = _dedup(list(text_boxes) + pred_extra, dedup_iou_threshold)  # step 4
     if not b_gt:
         return 0.0
     m = [[_iou(g, p) for p in b_pred] for g in b_gt]  # step 5
