@@ -416,6 +416,17 @@ def test_shapes_experiment_toy_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads((out / "results.json").read_text())
     assert all(t["reused"] for t in again["timings"]) and len(again["timings"]) == len(results["timings"])
     assert again["per_seed"] == results["per_seed"]
+    assert set(results["per_seed"]["sft"]["0"]) == set(shapes.METRICS) and "rec/acc@0.75" in shapes.METRICS
+    # an evaluation recorded before Acc@0.75 was measured runs again instead of failing the report
+    marker = out / "seed_0" / "arms" / "sft" / "eval_rec" / "DONE"
+    done = json.loads(marker.read_text())
+    del done["info"]["rec/acc@0.75"]
+    marker.write_text(json.dumps(done))
+    shapes.main(["--out", str(out), "--size", "toy", "--seeds", "0", "1"])
+    assert "eval_rec was done without ['rec/acc@0.75']; running it again" in capsys.readouterr().out
+    rec = {k: v for k, v in results["per_seed"]["sft"]["0"].items() if k.startswith("rec/")}
+    assert json.loads(marker.read_text())["info"] == rec  # greedy decoding: the same numbers again
+    assert json.loads((out / "results.json").read_text())["per_seed"] == results["per_seed"]
     # --sft-start: a quickstart-layout folder (here links into this experiment) is every seed's start
     start = tmp_path / "qs"
     start.mkdir()
