@@ -47,6 +47,9 @@ STAGES = ("world", "vision", "base", "clip", "sft", "generate", "score", "dpo", 
 SFT_TASKS = ("rec", "phrase", "region")
 #: How every quickstart answer writes boxes (the world's SFT data, generation, scoring and evaluation agree).
 COORD_FORMAT = "minigpt_v2"
+#: Side of the world's images (px) and the file in ``world/`` that keeps its scene settings.
+WORLD_IMAGE_SIZE = 224
+SCENE_FILE = "scene.json"
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 #: ``--accelerator`` choices (Lightning's names); every stage runs on one device.
 ACCELERATORS = ("cpu", "gpu", "auto")
@@ -190,12 +193,16 @@ class Run:
 
     ``accelerator`` goes into every stage's ``trainer.accelerator`` (Lightning's names: ``cpu``, ``gpu``, ``auto``).
     ``overrides`` maps a config name (``"*"``: every config) to dotted config values applied after the stage's own
-    (:func:`parse_overrides` reads them from ``--set``).
+    (:func:`parse_overrides` reads them from ``--set``). ``scene`` changes the world's scenes
+    (:func:`~spr_lightning.shapes.scene.scene_config`) when the world stage runs; it is kept in
+    ``world/scene.json``, from which the later stages read it (:func:`world_scene`).
     """
 
     def __init__(self, root: Path, size_name: str, accelerator: str = "cpu",
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 scene: Mapping[str, Any] | None = None) -> None:
         self.root = root
+        self.scene = dict(scene or {})
         self.size_name = size_name
         self.size = size_by_name(size_name)
         if accelerator not in ACCELERATORS:
@@ -248,23 +255,50 @@ def _yaml_value(text: str) -> Any:
     return value
 
 
+def read_scene(world: Path) -> dict[str, Any]:
+    """The scene settings a world folder was made with (``{}``: the defaults, or a world older than the file)."""
+    path = world / SCENE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def world_scene(run: Run) -> dict[str, Any]:
+    """The scene settings of the run's world (with an experiment's links: the start's world)."""
+    return read_scene(run.path("world"))
+
+
+def parse_scene(items: Sequence[str]) -> dict[str, Any]:
+    """``["small_side=[0.14, 0.18]", "max_objects=12"]`` -> scene settings, checked by ``scene_config``."""
+    from spr_lightning.shapes import scene_config
+
+    scene: dict[str, Any] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--scene {item!r}: expected KEY=VALUE, e.g. small_side=[0.14,0.18]")
+        scene[key] = yaml.safe_load(value)
+    scene_config(WORLD_IMAGE_SIZE, scene)
+    return scene
+
+
 # -------------------------------------------------------------------------------------------- stages
 def stage_world(run: Run) -> dict[str, Any]:
     """The world, plus the warm-up scenes of the SFT curriculum (:data:`QuickstartSize.warmup`)."""
     import random
 
-    from spr_lightning.shapes import SceneConfig, write_world
+    from spr_lightning.shapes import scene_config, write_world
 
     workers = min(2, os.cpu_count() or 1)
-    paths = write_world(run.path("world"), run.size.world, seed=0, image_size=224, coord_format=COORD_FORMAT,
-                        workers=workers)
+    run.path("world").mkdir(parents=True, exist_ok=True)
+    run.path("world", SCENE_FILE).write_text(json.dumps(run.scene, indent=1), encoding="utf-8")
+    paths = write_world(run.path("world"), run.size.world, seed=0, coord_format=COORD_FORMAT, workers=workers,
+                        scene_config=scene_config(WORLD_IMAGE_SIZE, run.scene))
     tasks = set(SFT_TASKS)
     lines = [line for line in paths.sft["train"].read_text(encoding="utf-8").splitlines()
              if json.loads(line)["task"] in tasks]
     warm = []
     for most, count in run.size.warmup.items():
         folder = f"warmup_{most}"
-        config = SceneConfig(image_size=224, min_objects=max(1, most - 1), max_objects=most)
+        config = scene_config(WORLD_IMAGE_SIZE, {**run.scene, "min_objects": max(1, most - 1), "max_objects": most})
         warm_paths = write_world(run.path("world", folder), {"train": count}, seed=100 + most,
                                  coord_format=COORD_FORMAT, workers=workers, rec_per_image=2, scene_config=config)
         for line in warm_paths.sft["train"].read_text(encoding="utf-8").splitlines():
@@ -276,7 +310,7 @@ def stage_world(run: Run) -> dict[str, Any]:
     random.Random(0).shuffle(lines)
     run.path("world", "sft_quickstart_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"images": run.size.world, "warmup": run.size.warmup, "sft_samples": len(lines),
-            "warmup_samples": len(warm)}
+            "warmup_samples": len(warm), "scene": run.scene}
 
 
 def fit_overrides(run: Run, stage: str, max_steps: int) -> dict[str, Any]:
@@ -293,6 +327,7 @@ def stage_vision(run: Run) -> dict[str, Any]:
         **{f"model.init_args.{k}": v for k, v in s.vision.items()},
         "data.init_args.image_size": s.vision["image_size"], "data.init_args.patch_size": s.vision["patch_size"],
         "data.init_args.num_train": s.vision_scenes, "data.init_args.batch_size": s.vision_batch_size,
+        **({"data.init_args.scene": world_scene(run)} if world_scene(run) else {}),
     })  # fmt: skip
     fit_stage(run, "vision", config)
     return {"model": str(run.path("vision", "model", "final"))}
@@ -358,6 +393,7 @@ def stage_score(run: Run) -> dict[str, Any]:
         "trainer.callbacks[0].init_args.output_dir": shards,
         "model.init_args.semantic_scorer.init_args.model_name": str(run.path("clip", "model", "final")),
         "data.init_args.urls": str(run.path("generate", "candidates")), "data.init_args.skip_done_in": shards,
+        **({"model.init_args.grounder.init_args.scene": world_scene(run)} if world_scene(run) else {}),
     })  # fmt: skip
     cli = run_cli("predict", config)
     summary = dict(getattr(cli.model, "summary", {}) or {})
@@ -496,15 +532,35 @@ def report(run: Run, elapsed: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: str | None = None) -> None:
+    """Refuse ``scene`` when the world already made in ``out`` has other scene settings and is not being remade:
+    every later stage (the tower, the SFT data, the grounder) was made for that world.
+
+    Raises:
+        ValueError: naming both settings and the way out.
+    """
+    world = Path(out).resolve() / "world"
+    if scene is None or redo == "world" or not (world / "DONE").is_file() or dict(scene) == read_scene(world):
+        return
+    raise ValueError(f"{world} was made with scene {read_scene(world)}, not {dict(scene)}: drop --scene "
+                     "to reuse it, or add --redo world to remake the world and every later stage")
+
+
 def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
-                   accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                   accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                   scene: Mapping[str, Any] | None = None) -> str:
     """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
-    the configs of the stages it runs; returns the printed report."""
+    the configs of the stages it runs and ``scene`` to a world it makes; returns the printed report.
+
+    Raises:
+        ValueError: ``scene`` differs from that of the world already made in ``out`` (``--redo world`` remakes it).
+    """
     size_by_name(size)
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = Run(Path(out).resolve(), size, accelerator, overrides)
+    check_world_scene(out, scene, redo)
+    run = Run(Path(out).resolve(), size, accelerator, overrides, scene)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
         if redo is not None and k >= STAGES.index(redo):
@@ -539,12 +595,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="change one value of a stage's config, e.g. sft:model.init_args.lr=5e-4 or "
                         "sft:trainer.max_steps=32000 (repeatable; * for every config). Applies to stages that run: "
                         "a stage already DONE is reused as it is (--redo STAGE reruns it)")
+    parser.add_argument("--scene", action="append", default=None, metavar="KEY=VALUE",
+                        help="change the world's scenes, e.g. small_side=[0.14,0.18] large_side=[0.26,0.34] "
+                        "max_objects=12 (repeatable; fields of spr_lightning.shapes.SceneConfig). Used when the "
+                        "world is made and kept in world/scene.json for the tower, the grounder and reruns")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
+        scene = None if args.scene is None else parse_scene(args.scene)
+        check_world_scene(args.out, scene, args.redo)
     except ValueError as error:
         parser.error(str(error))
-    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides)
+    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene)
 
 
 if __name__ == "__main__":

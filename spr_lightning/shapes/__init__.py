@@ -6,7 +6,16 @@ phrase-grounding split and grounded SFT samples, all from one seed. ``write_worl
 ``python -m spr_lightning.shapes OUT_DIR`` the command line. See ``docs/shapes.md``.
 """
 
-from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, Scene, SceneConfig, ShapeObject, make_scene
+from spr_lightning.shapes.scene import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneConfig,
+    ShapeObject,
+    make_scene,
+    scene_config,
+)
 from spr_lightning.shapes.writer import SPLITS, WorldPaths, write_world
 
 __all__ = [
@@ -19,5 +28,6 @@ __all__ = [
     "ShapeObject",
     "WorldPaths",
     "make_scene",
+    "scene_config",
     "write_world",
 ]

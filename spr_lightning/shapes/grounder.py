@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from scipy import ndimage
 
 from spr_lightning.scoring.grounders import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD, GroundingResult
 from spr_lightning.shapes.masks import shape_mask
-from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, SceneConfig
+from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, scene_config
 
 __all__ = ["PhraseQuery", "ShapesGrounder", "parse_phrases"]
 
@@ -115,11 +116,14 @@ class ShapesGrounder(torch.nn.Module):
         color_tolerance: largest RGB distance of a pixel from a named colour that still counts as that colour
             (object colours are jittered by +-12 per channel and JPEG adds a little).
         min_pixels: components smaller than this are clutter or slivers of hidden objects and are ignored.
+        scene: the world's scene settings when they are not the defaults (``world/scene.json`` of a quickstart run
+            made with ``--scene``): the size bands come from them.
     """
 
-    def __init__(self, image_size: int = 224, color_tolerance: float = 48.0, min_pixels: int = 20) -> None:
+    def __init__(self, image_size: int = 224, color_tolerance: float = 48.0, min_pixels: int = 20,
+                 scene: dict[str, Any] | None = None) -> None:
         super().__init__()
-        config = SceneConfig(image_size=image_size)
+        config = scene_config(image_size, scene)
         small_hi = config.side_range("small")[1]
         large_lo = config.side_range("large")[0]
         self.size_split = (small_hi + large_lo) / 2

@@ -15,7 +15,9 @@ render_scene` draws the image and the writers derive every annotation. Why these
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ __all__ = [
     "ShapeObject",
     "make_scene",
     "owner_map",
+    "scene_config",
 ]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
@@ -233,6 +236,22 @@ def _try_scene(rng: np.random.Generator, config: SceneConfig) -> Scene | None:
         for o, f in zip(placed, fractions)
     )
     return Scene(width, height, background, objects)
+
+
+def scene_config(image_size: int | tuple[int, int], overrides: Mapping[str, Any] | None = None) -> SceneConfig:
+    """A :class:`SceneConfig` for ``image_size`` with some fields changed, e.g. ``{"small_side": [0.14, 0.18]}``
+    from a command line or a JSON file (lists become the tuples the fields hold).
+
+    Raises:
+        ValueError: for a key that is not a field (``image_size`` is given separately) or a value the config refuses.
+    """
+    names = {f.name for f in fields(SceneConfig)} - {"image_size"}
+    values = dict(overrides or {})
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown scene setting(s) {unknown}; settings: {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return SceneConfig(image_size=image_size, **values)
 
 
 def make_scene(rng: np.random.Generator, config: SceneConfig | None = None) -> Scene:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from spr_lightning.shapes.render import render_scene
-from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, Scene, SceneConfig, make_scene, owner_map
+from spr_lightning.shapes.scene import COLORS, SHAPES, SIZES, Scene, SceneConfig, make_scene, owner_map, scene_config
 from spr_lightning.training import adamw_cosine
 
 __all__ = [
@@ -156,10 +156,13 @@ class ShapesDenseDataModule(LightningDataModule):
         batch_size: scenes per step.
         scene_seed: seed of the scene stream.
         world_size: side of the rendered scenes before resizing (the world's ``image_size``).
+        scene: the world's scene settings when they are not the defaults (:func:`~spr_lightning.shapes.scene.
+            scene_config`), so that the tower learns on scenes like the world's.
     """
 
     def __init__(self, num_train: int = 4000, num_val: int = 200, image_size: int = 96, patch_size: int = 12,
-                 batch_size: int = 32, scene_seed: int = 1000, world_size: int = 224) -> None:
+                 batch_size: int = 32, scene_seed: int = 1000, world_size: int = 224,
+                 scene: dict[str, Any] | None = None) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
@@ -173,7 +176,7 @@ class ShapesDenseDataModule(LightningDataModule):
 
     def _draw(self, start: int, count: int) -> TensorDataset:
         hp = self.hparams
-        config = SceneConfig(image_size=hp.world_size)
+        config = scene_config(hp.world_size, hp.scene)
         samples = [render_dense_sample(hp.scene_seed, start + i, hp.image_size, self.grid, config)
                    for i in range(count)]
         images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).contiguous()
