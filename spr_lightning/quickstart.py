@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ COORD_FORMAT = "minigpt_v2"
 #: Side of the world's images (px) and the file in ``world/`` that keeps its scene settings.
 WORLD_IMAGE_SIZE = 224
 SCENE_FILE = "scene.json"
+#: Language-model settings of the base stage that ``--model`` may change (``make_small_llava`` arguments).
+MODEL_KEYS = ("text_hidden", "text_layers")
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 #: ``--accelerator`` choices (Lightning's names); every stage runs on one device.
 ACCELERATORS = ("cpu", "gpu", "auto")
@@ -195,16 +197,19 @@ class Run:
     ``overrides`` maps a config name (``"*"``: every config) to dotted config values applied after the stage's own
     (:func:`parse_overrides` reads them from ``--set``). ``scene`` changes the world's scenes
     (:func:`~spr_lightning.shapes.scene.scene_config`) when the world stage runs; it is kept in
-    ``world/scene.json``, from which the later stages read it (:func:`world_scene`).
+    ``world/scene.json``, from which the later stages read it (:func:`world_scene`). ``model`` changes the size
+    preset's language model (:data:`MODEL_KEYS`) when the base stage runs; ``base/DONE`` records what was built.
     """
 
     def __init__(self, root: Path, size_name: str, accelerator: str = "cpu",
                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                 scene: Mapping[str, Any] | None = None) -> None:
+                 scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None) -> None:
         self.root = root
         self.scene = dict(scene or {})
         self.size_name = size_name
         self.size = size_by_name(size_name)
+        if model:
+            self.size = replace(self.size, model={**self.size.model, **model})
         if accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         self.accelerator = accelerator
@@ -532,6 +537,41 @@ def report(run: Run, elapsed: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def parse_model(items: Sequence[str]) -> dict[str, int]:
+    """``["text_hidden=256", "text_layers=4"]`` -> language-model settings for the base stage."""
+    model: dict[str, int] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or key not in MODEL_KEYS:
+            raise ValueError(f"--model {item!r}: expected KEY=VALUE with KEY one of {', '.join(MODEL_KEYS)}")
+        try:
+            model[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--model {item!r}: {key} must be a whole number") from None
+    hidden, layers = model.get("text_hidden", 64), model.get("text_layers", 1)
+    if hidden < 64 or hidden % 32 or layers < 1:
+        raise ValueError(f"--model: text_hidden must be a multiple of 32 (heads of 32 channels) and >= 64, "
+                         f"text_layers >= 1; got {model}")
+    return model
+
+
+def check_base_model(out: str | Path, size: str, model: Mapping[str, int] | None, redo: str | None = None) -> None:
+    """Refuse ``model`` when the base model already built in ``out`` has another shape and is not being rebuilt:
+    the SFT start and everything after it were trained on that one.
+
+    Raises:
+        ValueError: naming both shapes and the way out.
+    """
+    done = Path(out).resolve() / "base" / "DONE"
+    if not model or not done.is_file() or (redo is not None and STAGES.index(redo) <= STAGES.index("base")):
+        return
+    wanted = {**size_by_name(size).model, **model}
+    built = json.loads(done.read_text(encoding="utf-8")).get("info", {}).get("model")
+    if built != wanted:
+        raise ValueError(f"{done.parent} holds a model built with {built}, not {wanted}: drop --model to reuse it, "
+                         "or add --redo base to rebuild it and every later stage")
+
+
 def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: str | None = None) -> None:
     """Refuse ``scene`` when the world already made in ``out`` has other scene settings and is not being remade:
     every later stage (the tower, the SFT data, the grounder) was made for that world.
@@ -548,19 +588,22 @@ def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: st
 
 def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
                    accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                   scene: Mapping[str, Any] | None = None) -> str:
+                   scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None) -> str:
     """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
-    the configs of the stages it runs and ``scene`` to a world it makes; returns the printed report.
+    the configs of the stages it runs, ``scene`` to a world it makes and ``model`` to a base model it builds;
+    returns the printed report.
 
     Raises:
-        ValueError: ``scene`` differs from that of the world already made in ``out`` (``--redo world`` remakes it).
+        ValueError: ``scene`` or ``model`` differs from that of the world or base model already made in ``out``
+            (``--redo world`` / ``--redo base`` remakes it).
     """
     size_by_name(size)
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_world_scene(out, scene, redo)
-    run = Run(Path(out).resolve(), size, accelerator, overrides, scene)
+    check_base_model(out, size, model, redo)
+    run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
         if redo is not None and k >= STAGES.index(redo):
@@ -599,14 +642,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="change the world's scenes, e.g. small_side=[0.14,0.18] large_side=[0.26,0.34] "
                         "max_objects=12 (repeatable; fields of spr_lightning.shapes.SceneConfig). Used when the "
                         "world is made and kept in world/scene.json for the tower, the grounder and reruns")
+    parser.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
+                        help="change the size preset's language model, e.g. text_hidden=256 text_layers=4 (repeatable; "
+                        f"keys {', '.join(MODEL_KEYS)}). Used when the base model is built; recorded in base/DONE")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
         scene = None if args.scene is None else parse_scene(args.scene)
+        model = None if args.model is None else parse_model(args.model)
         check_world_scene(args.out, scene, args.redo)
+        check_base_model(args.out, args.size, model, args.redo)
     except ValueError as error:
         parser.error(str(error))
-    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene)
+    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene, model)
 
 
 if __name__ == "__main__":

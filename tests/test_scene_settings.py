@@ -112,3 +112,26 @@ def test_a_made_world_refuses_other_scene_settings(tmp_path):
         quickstart.check_world_scene(run.root, {})
     with pytest.raises(SystemExit):
         quickstart.main(["--out", str(run.root), "--size", "toy", "--scene", "max_objects=11"])
+
+
+def test_model_flag_changes_the_base_language_model_and_guards_a_built_one(tmp_path, monkeypatch):
+    assert quickstart.parse_model(["text_hidden=256", "text_layers=4"]) == {"text_hidden": 256, "text_layers": 4}
+    for bad, message in ((["vision_layers=4"], "KEY one of text_hidden, text_layers"),
+                         (["text_hidden=wide"], "must be a whole number"), (["text_hidden=100"], "multiple of 32")):
+        with pytest.raises(ValueError, match=message):
+            quickstart.parse_model(bad)
+    run = quickstart.Run(tmp_path / "qs", "toy", model={"text_hidden": 96})
+    assert run.size.model == {"text_hidden": 96, "text_layers": 1}  # toy's depth kept
+    assert quickstart.size_by_name("toy").model == {"text_hidden": 64, "text_layers": 1}  # the preset untouched
+    built = {}
+    monkeypatch.setattr("spr_lightning.tiny.small_llava.build_small_llava",
+                        lambda out, **kwargs: built.update(kwargs))
+    run.mark_done("base", {"info": quickstart.build_base(run)})
+    assert built["text_hidden"] == 96 and built["text_layers"] == 1
+    quickstart.check_base_model(run.root, "toy", {"text_hidden": 96})  # the same: fine
+    quickstart.check_base_model(run.root, "toy", None)
+    quickstart.check_base_model(run.root, "toy", {"text_hidden": 128}, redo="vision")  # rebuilt
+    with pytest.raises(ValueError, match="holds a model built with .* --redo base"):
+        quickstart.check_base_model(run.root, "toy", {"text_hidden": 128})
+    with pytest.raises(SystemExit):
+        quickstart.main(["--out", str(run.root), "--size", "toy", "--model", "text_layers=2"])
