@@ -326,13 +326,13 @@ def fit_overrides(run: Run, stage: str, max_steps: int) -> dict[str, Any]:
 
 
 def stage_vision(run: Run) -> dict[str, Any]:
-    s = run.size
+    s, scene = run.size, world_scene(run)
     config = run.config("vision", "vision.yaml", {
         **fit_overrides(run, "vision", s.vision_steps),
         **{f"model.init_args.{k}": v for k, v in s.vision.items()},
         "data.init_args.image_size": s.vision["image_size"], "data.init_args.patch_size": s.vision["patch_size"],
         "data.init_args.num_train": s.vision_scenes, "data.init_args.batch_size": s.vision_batch_size,
-        **({"data.init_args.scene": world_scene(run)} if world_scene(run) else {}),
+        **({"data.init_args.scene": scene} if scene else {}),
     })  # fmt: skip
     fit_stage(run, "vision", config)
     return {"model": str(run.path("vision", "model", "final"))}
@@ -392,13 +392,13 @@ def stage_generate(run: Run) -> dict[str, Any]:
 
 
 def stage_score(run: Run) -> dict[str, Any]:
-    shards = str(run.path("score", "pairs"))
+    shards, scene = str(run.path("score", "pairs")), world_scene(run)
     config = run.config("score", "score.yaml", {
         "trainer.default_root_dir": str(run.path("score")),
         "trainer.callbacks[0].init_args.output_dir": shards,
         "model.init_args.semantic_scorer.init_args.model_name": str(run.path("clip", "model", "final")),
         "data.init_args.urls": str(run.path("generate", "candidates")), "data.init_args.skip_done_in": shards,
-        **({"model.init_args.grounder.init_args.scene": world_scene(run)} if world_scene(run) else {}),
+        **({"model.init_args.grounder.init_args.scene": scene} if scene else {}),
     })  # fmt: skip
     cli = run_cli("predict", config)
     summary = dict(getattr(cli.model, "summary", {}) or {})
