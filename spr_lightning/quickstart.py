@@ -52,6 +52,8 @@ WORLD_IMAGE_SIZE = 224
 SCENE_FILE = "scene.json"
 #: Language-model settings of the base stage that ``--model`` may change (``make_small_llava`` arguments).
 MODEL_KEYS = ("text_hidden", "text_layers")
+#: Vision-tower settings of the vision stage that ``--vision`` may change (``VisionPretrainModule`` arguments).
+VISION_KEYS = ("image_size", "patch_size", "hidden_size", "num_layers")
 REC_THRESHOLDS = ("0.5", "0.6", "0.7", "0.8", "0.9")
 #: ``--accelerator`` choices (Lightning's names); every stage runs on one device.
 ACCELERATORS = ("cpu", "gpu", "auto")
@@ -199,17 +201,22 @@ class Run:
     (:func:`~spr_lightning.shapes.scene.scene_config`) when the world stage runs; it is kept in
     ``world/scene.json``, from which the later stages read it (:func:`world_scene`). ``model`` changes the size
     preset's language model (:data:`MODEL_KEYS`) when the base stage runs; ``base/DONE`` records what was built.
+    ``vision`` changes the preset's vision tower (:data:`VISION_KEYS`) when the vision stage runs; the tower's own
+    ``config.json`` records what was built.
     """
 
     def __init__(self, root: Path, size_name: str, accelerator: str = "cpu",
                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                 scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None) -> None:
+                 scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None,
+                 vision: Mapping[str, int] | None = None) -> None:
         self.root = root
         self.scene = dict(scene or {})
         self.size_name = size_name
         self.size = size_by_name(size_name)
         if model:
             self.size = replace(self.size, model={**self.size.model, **model})
+        if vision:
+            self.size = replace(self.size, vision={**self.size.vision, **vision})
         if accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         self.accelerator = accelerator
@@ -335,7 +342,7 @@ def stage_vision(run: Run) -> dict[str, Any]:
         **({"data.init_args.scene": scene} if scene else {}),
     })  # fmt: skip
     fit_stage(run, "vision", config)
-    return {"model": str(run.path("vision", "model", "final"))}
+    return {"model": str(run.path("vision", "model", "final")), "tower": s.vision}
 
 
 def build_base(run: Run, seed: int = 0) -> dict[str, Any]:
@@ -555,6 +562,55 @@ def parse_model(items: Sequence[str]) -> dict[str, int]:
     return model
 
 
+def parse_vision(items: Sequence[str]) -> dict[str, int]:
+    """``["image_size=144", "patch_size=12"]`` -> vision-tower settings for the vision stage."""
+    vision: dict[str, int] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or key not in VISION_KEYS:
+            raise ValueError(f"--vision {item!r}: expected KEY=VALUE with KEY one of {', '.join(VISION_KEYS)}")
+        try:
+            vision[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--vision {item!r}: {key} must be a whole number") from None
+        if vision[key] < 1:
+            raise ValueError(f"--vision {item!r}: {key} must be >= 1")
+    if vision.get("hidden_size", 32) % 32:
+        raise ValueError(f"--vision: hidden_size must be a multiple of 32 (heads of 32 channels); got {vision}")
+    return vision
+
+
+def built_tower_shape(out: str | Path) -> dict[str, int] | None:
+    """:data:`VISION_KEYS` of the tower the vision stage of ``out`` exported (``None``: none built yet)."""
+    config = Path(out).resolve() / "vision" / "model" / "final" / "config.json"
+    if not (config.parent.parent.parent / "DONE").is_file() or not config.is_file():
+        return None
+    tower = json.loads(config.read_text(encoding="utf-8"))
+    return {"image_size": tower["image_size"], "patch_size": tower["patch_size"],
+            "hidden_size": tower["hidden_size"], "num_layers": tower["num_hidden_layers"]}
+
+
+def check_vision_tower(out: str | Path, size: str, vision: Mapping[str, int] | None, redo: str | None = None) -> None:
+    """Refuse ``vision`` when the tower already pretrained in ``out`` has another shape and is not being redone:
+    the base model and everything after it were built on that one.
+
+    Raises:
+        ValueError: ``image_size`` not a multiple of ``patch_size``, or naming both shapes and the way out.
+    """
+    if not vision:
+        return
+    wanted = {**size_by_name(size).vision, **vision}
+    if wanted["image_size"] % wanted["patch_size"]:
+        raise ValueError(f"--vision: image_size {wanted['image_size']} must be a multiple of patch_size "
+                         f"{wanted['patch_size']}")
+    if redo is not None and STAGES.index(redo) <= STAGES.index("vision"):
+        return
+    built = built_tower_shape(out)
+    if built is not None and built != wanted:
+        raise ValueError(f"{Path(out).resolve() / 'vision'} holds a tower built with {built}, not {wanted}: drop "
+                         "--vision to reuse it, or add --redo vision to retrain it and every later stage")
+
+
 def check_base_model(out: str | Path, size: str, model: Mapping[str, int] | None, redo: str | None = None) -> None:
     """Refuse ``model`` when the base model already built in ``out`` has another shape and is not being rebuilt:
     the SFT start and everything after it were trained on that one.
@@ -588,22 +644,24 @@ def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: st
 
 def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
                    accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                   scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None) -> str:
+                   scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None,
+                   vision: Mapping[str, int] | None = None) -> str:
     """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
-    the configs of the stages it runs, ``scene`` to a world it makes and ``model`` to a base model it builds;
-    returns the printed report.
+    the configs of the stages it runs, ``scene`` to a world it makes, ``vision`` to a tower it pretrains and
+    ``model`` to a base model it builds; returns the printed report.
 
     Raises:
-        ValueError: ``scene`` or ``model`` differs from that of the world or base model already made in ``out``
-            (``--redo world`` / ``--redo base`` remakes it).
+        ValueError: ``scene``, ``vision`` or ``model`` differs from that of the world, tower or base model already
+            made in ``out`` (``--redo world`` / ``--redo vision`` / ``--redo base`` remakes it).
     """
     size_by_name(size)
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_world_scene(out, scene, redo)
+    check_vision_tower(out, size, vision, redo)
     check_base_model(out, size, model, redo)
-    run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model)
+    run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model, vision)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
         if redo is not None and k >= STAGES.index(redo):
@@ -645,16 +703,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                         help="change the size preset's language model, e.g. text_hidden=256 text_layers=4 (repeatable; "
                         f"keys {', '.join(MODEL_KEYS)}). Used when the base model is built; recorded in base/DONE")
+    parser.add_argument("--vision", action="append", default=None, metavar="KEY=VALUE",
+                        help="change the size preset's vision tower, e.g. image_size=144 (repeatable; keys "
+                        f"{', '.join(VISION_KEYS)}; image tokens per image: (image_size / patch_size)^2). Used "
+                        "when the tower is pretrained; the base model takes its shape from it")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
         scene = None if args.scene is None else parse_scene(args.scene)
         model = None if args.model is None else parse_model(args.model)
+        vision = None if args.vision is None else parse_vision(args.vision)
         check_world_scene(args.out, scene, args.redo)
+        check_vision_tower(args.out, args.size, vision, args.redo)
         check_base_model(args.out, args.size, model, args.redo)
     except ValueError as error:
         parser.error(str(error))
-    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene, model)
+    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene, model, vision)
 
 
 if __name__ == "__main__":

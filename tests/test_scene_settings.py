@@ -135,3 +135,38 @@ def test_model_flag_changes_the_base_language_model_and_guards_a_built_one(tmp_p
         quickstart.check_base_model(run.root, "toy", {"text_hidden": 128})
     with pytest.raises(SystemExit):
         quickstart.main(["--out", str(run.root), "--size", "toy", "--model", "text_layers=2"])
+
+
+def test_vision_flag_changes_the_tower_and_guards_a_built_one(tmp_path, monkeypatch):
+    from spr_lightning.tiny.small_llava import small_vision_config
+
+    assert quickstart.parse_vision(["image_size=144", "num_layers=4"]) == {"image_size": 144, "num_layers": 4}
+    for bad, message in ((["text_layers=4"], "KEY one of image_size, patch_size"),
+                         (["image_size=big"], "must be a whole number"), (["patch_size=0"], "must be >= 1"),
+                         (["hidden_size=100"], "multiple of 32")):
+        with pytest.raises(ValueError, match=message):
+            quickstart.parse_vision(bad)
+    run = quickstart.Run(tmp_path / "qs", "toy", vision={"image_size": 48})
+    assert run.size.vision == {"image_size": 48, "patch_size": 16, "hidden_size": 32, "num_layers": 1}
+    assert quickstart.size_by_name("toy").vision["image_size"] == 32  # the preset untouched
+    configs = {}
+    monkeypatch.setattr(quickstart, "fit_stage",
+                        lambda run_, stage, config: configs.update(vision=yaml.safe_load(Path(config).read_text())))
+    info = quickstart.stage_vision(run)
+    assert configs["vision"]["model"]["init_args"]["image_size"] == 48
+    assert configs["vision"]["data"]["init_args"]["image_size"] == 48
+    assert info["tower"]["image_size"] == 48
+    with pytest.raises(ValueError, match="image_size 40 must be a multiple of patch_size 16"):
+        quickstart.check_vision_tower(run.root, "toy", {"image_size": 40})
+    quickstart.check_vision_tower(run.root, "toy", {"image_size": 64})  # nothing built yet: fine
+    # A finished vision stage: its exported tower's config.json is the record checked against.
+    small_vision_config(48, 16, 32, 1).save_pretrained(run.path("vision", "model", "final"))
+    run.mark_done("vision", {"info": info})
+    assert quickstart.built_tower_shape(run.root) == run.size.vision
+    quickstart.check_vision_tower(run.root, "toy", {"image_size": 48})  # the same: fine
+    quickstart.check_vision_tower(run.root, "toy", None)
+    quickstart.check_vision_tower(run.root, "toy", {"image_size": 64}, redo="vision")  # retrained
+    with pytest.raises(ValueError, match="holds a tower built with .* --redo vision"):
+        quickstart.check_vision_tower(run.root, "toy", {"image_size": 64}, redo="sft")
+    with pytest.raises(SystemExit):
+        quickstart.main(["--out", str(run.root), "--size", "toy", "--vision", "image_size=64"])
