@@ -544,37 +544,34 @@ def report(run: Run, elapsed: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_model(items: Sequence[str]) -> dict[str, int]:
-    """``["text_hidden=256", "text_layers=4"]`` -> language-model settings for the base stage."""
-    model: dict[str, int] = {}
+def parse_whole_numbers(flag: str, items: Sequence[str], keys: Sequence[str]) -> dict[str, int]:
+    """``["KEY=VALUE", ...]`` of a repeatable ``flag`` -> ``{KEY: int}``, every KEY one of ``keys``."""
+    settings: dict[str, int] = {}
     for item in items:
         key, equals, value = item.partition("=")
-        if not equals or key not in MODEL_KEYS:
-            raise ValueError(f"--model {item!r}: expected KEY=VALUE with KEY one of {', '.join(MODEL_KEYS)}")
+        if not equals or key not in keys:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(keys)}")
         try:
-            model[key] = int(value)
+            settings[key] = int(value)
         except ValueError:
-            raise ValueError(f"--model {item!r}: {key} must be a whole number") from None
-    hidden, layers = model.get("text_hidden", 64), model.get("text_layers", 1)
-    if hidden < 64 or hidden % 32 or layers < 1:
-        raise ValueError(f"--model: text_hidden must be a multiple of 32 (heads of 32 channels) and >= 64, "
-                         f"text_layers >= 1; got {model}")
+            raise ValueError(f"{flag} {item!r}: {key} must be a whole number") from None
+        if settings[key] < 1:
+            raise ValueError(f"{flag} {item!r}: {key} must be >= 1")
+    return settings
+
+
+def parse_model(items: Sequence[str]) -> dict[str, int]:
+    """``["text_hidden=256", "text_layers=4"]`` -> language-model settings for the base stage."""
+    model = parse_whole_numbers("--model", items, MODEL_KEYS)
+    if model.get("text_hidden", 64) < 64 or model.get("text_hidden", 64) % 32:
+        raise ValueError(f"--model: text_hidden must be a multiple of 32 (heads of 32 channels) and >= 64; "
+                         f"got {model}")
     return model
 
 
 def parse_vision(items: Sequence[str]) -> dict[str, int]:
     """``["image_size=144", "patch_size=12"]`` -> vision-tower settings for the vision stage."""
-    vision: dict[str, int] = {}
-    for item in items:
-        key, equals, value = item.partition("=")
-        if not equals or key not in VISION_KEYS:
-            raise ValueError(f"--vision {item!r}: expected KEY=VALUE with KEY one of {', '.join(VISION_KEYS)}")
-        try:
-            vision[key] = int(value)
-        except ValueError:
-            raise ValueError(f"--vision {item!r}: {key} must be a whole number") from None
-        if vision[key] < 1:
-            raise ValueError(f"--vision {item!r}: {key} must be >= 1")
+    vision = parse_whole_numbers("--vision", items, VISION_KEYS)
     if vision.get("hidden_size", 32) % 32:
         raise ValueError(f"--vision: hidden_size must be a multiple of 32 (heads of 32 channels); got {vision}")
     return vision

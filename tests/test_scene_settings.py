@@ -117,7 +117,8 @@ def test_a_made_world_refuses_other_scene_settings(tmp_path):
 def test_model_flag_changes_the_base_language_model_and_guards_a_built_one(tmp_path, monkeypatch):
     assert quickstart.parse_model(["text_hidden=256", "text_layers=4"]) == {"text_hidden": 256, "text_layers": 4}
     for bad, message in ((["vision_layers=4"], "KEY one of text_hidden, text_layers"),
-                         (["text_hidden=wide"], "must be a whole number"), (["text_hidden=100"], "multiple of 32")):
+                         (["text_hidden=wide"], "must be a whole number"), (["text_hidden=100"], "multiple of 32"),
+                         (["text_layers=0"], "text_layers must be >= 1")):
         with pytest.raises(ValueError, match=message):
             quickstart.parse_model(bad)
     run = quickstart.Run(tmp_path / "qs", "toy", model={"text_hidden": 96})
