@@ -563,7 +563,8 @@ def parse_whole_numbers(flag: str, items: Sequence[str], keys: Sequence[str]) ->
 def parse_model(items: Sequence[str]) -> dict[str, int]:
     """``["text_hidden=256", "text_layers=4"]`` -> language-model settings for the base stage."""
     model = parse_whole_numbers("--model", items, MODEL_KEYS)
-    if model.get("text_hidden", 64) < 64 or model.get("text_hidden", 64) % 32:
+    hidden = model.get("text_hidden", 64)
+    if hidden < 64 or hidden % 32:
         raise ValueError(f"--model: text_hidden must be a multiple of 32 (heads of 32 channels) and >= 64; "
                          f"got {model}")
     return model
@@ -579,8 +580,9 @@ def parse_vision(items: Sequence[str]) -> dict[str, int]:
 
 def built_tower_shape(out: str | Path) -> dict[str, int] | None:
     """:data:`VISION_KEYS` of the tower the vision stage of ``out`` exported (``None``: none built yet)."""
-    config = Path(out).resolve() / "vision" / "model" / "final" / "config.json"
-    if not (config.parent.parent.parent / "DONE").is_file() or not config.is_file():
+    stage = Path(out).resolve() / "vision"
+    config = stage / "model" / "final" / "config.json"
+    if not (stage / "DONE").is_file() or not config.is_file():
         return None
     tower = json.loads(config.read_text(encoding="utf-8"))
     return {"image_size": tower["image_size"], "patch_size": tower["patch_size"],
