@@ -544,6 +544,11 @@ def report(run: Run, elapsed: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def reruns(redo: str | None, stage: str) -> bool:
+    """Whether ``--redo redo`` reruns ``stage`` (it reruns its own stage and every later one)."""
+    return redo is not None and STAGES.index(redo) <= STAGES.index(stage)
+
+
 def parse_whole_numbers(flag: str, items: Sequence[str], keys: Sequence[str]) -> dict[str, int]:
     """``["KEY=VALUE", ...]`` of a repeatable ``flag`` -> ``{KEY: int}``, every KEY one of ``keys``."""
     settings: dict[str, int] = {}
@@ -602,7 +607,7 @@ def check_vision_tower(out: str | Path, size: str, vision: Mapping[str, int] | N
     if wanted["image_size"] % wanted["patch_size"]:
         raise ValueError(f"--vision: image_size {wanted['image_size']} must be a multiple of patch_size "
                          f"{wanted['patch_size']}")
-    if redo is not None and STAGES.index(redo) <= STAGES.index("vision"):
+    if reruns(redo, "vision"):
         return
     built = built_tower_shape(out)
     if built is not None and built != wanted:
@@ -618,7 +623,7 @@ def check_base_model(out: str | Path, size: str, model: Mapping[str, int] | None
         ValueError: naming both shapes and the way out.
     """
     done = Path(out).resolve() / "base" / "DONE"
-    if not model or not done.is_file() or (redo is not None and STAGES.index(redo) <= STAGES.index("base")):
+    if not model or not done.is_file() or reruns(redo, "base"):
         return
     wanted = {**size_by_name(size).model, **model}
     built = json.loads(done.read_text(encoding="utf-8")).get("info", {}).get("model")
@@ -635,7 +640,7 @@ def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: st
         ValueError: naming both settings and the way out.
     """
     world = Path(out).resolve() / "world"
-    if scene is None or redo == "world" or not (world / "DONE").is_file() or dict(scene) == read_scene(world):
+    if scene is None or reruns(redo, "world") or not (world / "DONE").is_file() or dict(scene) == read_scene(world):
         return
     raise ValueError(f"{world} was made with scene {read_scene(world)}, not {dict(scene)}: drop --scene "
                      "to reuse it, or add --redo world to remake the world and every later stage")
@@ -663,7 +668,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
     run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model, vision)
     start = time.perf_counter()
     for k, stage in enumerate(STAGES):
-        if redo is not None and k >= STAGES.index(redo):
+        if reruns(redo, stage):
             shutil.rmtree(run.path(stage), ignore_errors=True)
         if run.done(stage):
             print(f"[quickstart] {stage}: done already ({run.path(stage, 'DONE')})", flush=True)
