@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, as one script: the `gpu` tests, then the kernel benchmark with its
-# Triton row. Made for a lent GPU machine that has torch/triton/lightning but not this project's other
-# dependencies: put their wheels in .whl/ first (see benchmarks/README.md, "CUDA"). Logs go to $OUT
-# (or ./gpu_checks_out when OUT is unset).
+# Triton row, and the SFT step on CPU vs CUDA. Made for a lent GPU machine that has torch/triton/lightning
+# but not this project's other dependencies: put their wheels in .whl/ first (see benchmarks/README.md,
+# "CUDA"). Logs go to $OUT (or ./gpu_checks_out when OUT is unset).
 set -o pipefail
 OUT=${OUT:-gpu_checks_out}
 mkdir -p "$OUT"
@@ -25,10 +25,18 @@ lightning.__version__, 'cuda', torch.cuda.is_available())"
 # Only the files holding `gpu` tests, so a module needing a dev-only package (trl) cannot stop collection.
 timeout "${GPU_TEST_TIMEOUT:-360}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" \
     tests/test_kernels_triton.py tests/test_localization.py tests/test_metrics.py tests/test_rewarding.py \
-    tests/test_semantic.py tests/test_quickstart.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/test_semantic.py tests/test_quickstart.py tests/test_phrase_localization.py \
+    tests/test_box_resample.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=$?
 
 [ -n "$SKIP_BENCH" ] && exit $tests_rc
-python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log"
-python3 benchmarks/bench_kernels.py --batch 4096 --n 64 --m 64 2>&1 | tee "$OUT/bench_kernels_large.log"
+# BENCHES picks the benchmarks (default both): kernels, sft (SFT step time, CPU vs CUDA, by language-model size).
+case " ${BENCHES:-kernels sft} " in *" kernels "*)
+    python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log"
+    python3 benchmarks/bench_kernels.py --batch 4096 --n 64 --m 64 2>&1 | tee "$OUT/bench_kernels_large.log" ;;
+esac
+case " ${BENCHES:-kernels sft} " in *" sft "*)
+    timeout "${SFT_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_sft_device.py --shapes 128x2 256x4 512x8 \
+        --batch-sizes 16 64 --rounds 8 2>&1 | tee "$OUT/bench_sft_device.log" ;;
+esac
 exit $tests_rc
