@@ -120,7 +120,7 @@ def time_shape(model_dir: Path, records: list[dict[str, Any]], batch_size: int, 
             if step >= warmup:
                 times[provider].append(1000 * (time.perf_counter() - start))
             elif step == 0:
-                first_losses[provider] = float(loss)
+                first_losses[provider] = float(loss.detach())
     check_same_loss(first_losses)
     return times
 
