@@ -129,6 +129,27 @@ _COLOURS = ("red", "blue", "green", "white", "black", "brown", "yellow", "gray")
 _PLACES = ("left", "right", "top", "bottom", "middle", "front", "back", "corner")
 
 
+def build_shapes_sft_world(tmp: Path, images: int) -> Path:
+    """An SPR-Shapes world of ``images`` train images (7 SFT samples each); returns its SFT JSONL."""
+    from spr_lightning.quickstart import COORD_FORMAT
+    from spr_lightning.shapes import write_world
+
+    paths = write_world(tmp / "world", {"train": images}, seed=0, image_size=224, coord_format=COORD_FORMAT)
+    return Path(paths.sft["train"])
+
+
+def build_quickstart_llava(tmp: Path, text_hidden: int = 128, text_layers: int = 2) -> Path:
+    """The quickstart's small LLaVA (96-px tower, MiniGPT-v2 location tokens) with a ``text_hidden x text_layers``
+    Llama, random weights, saved under ``tmp/model_<hidden>x<layers>``."""
+    from spr_lightning.quickstart import VISION_96
+    from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_small_llava
+
+    return build_small_llava(tmp / f"model_{text_hidden}x{text_layers}", image_size=VISION_96["image_size"],
+                             patch_size=VISION_96["patch_size"], vision_hidden=VISION_96["hidden_size"],
+                             vision_layers=VISION_96["num_layers"], text_hidden=text_hidden, text_layers=text_layers,
+                             location_tokens=MINIGPT_V2_TOKENS)
+
+
 def _box(rng: random.Random) -> str:
     x1, y1 = rng.randint(0, 600), rng.randint(0, 600)
     return f"[{x1}, {y1}, {x1 + rng.randint(50, 399)}, {y1 + rng.randint(50, 399)}]"

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import build_quickstart_llava, build_shapes_sft_world, machine_info  # noqa: E402
 
 from datamodules.sft import LengthGroupedSampler, SFTCollator, SFTDataset, read_sft_jsonl, sample_lengths  # noqa: E402
 from spr_lightning.sft import SFTModule  # noqa: E402
@@ -50,24 +50,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     if hidden % 32 or layers < 1:
         raise argparse.ArgumentTypeError(f"shape {text!r}: hidden must be a multiple of 32, layers >= 1")
     return hidden, layers
-
-
-def build_world(tmp: Path, images: int) -> Path:
-    from spr_lightning.quickstart import COORD_FORMAT
-    from spr_lightning.shapes import write_world
-
-    paths = write_world(tmp / "world", {"train": images}, seed=0, image_size=224, coord_format=COORD_FORMAT)
-    return Path(paths.sft["train"])
-
-
-def build_model(tmp: Path, hidden: int, layers: int) -> Path:
-    from spr_lightning.quickstart import VISION_96
-    from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_small_llava
-
-    return build_small_llava(tmp / f"model_{hidden}x{layers}", image_size=VISION_96["image_size"],
-                             patch_size=VISION_96["patch_size"], vision_hidden=VISION_96["hidden_size"],
-                             vision_layers=VISION_96["num_layers"], text_hidden=hidden, text_layers=layers,
-                             location_tokens=MINIGPT_V2_TOKENS)
 
 
 def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -155,9 +137,9 @@ def main() -> None:
     providers = [f"{device}{mode}" for device in devices for mode in (("", "+compile") if args.compile else ("",))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        records = read_sft_jsonl(build_world(Path(tmp), args.images))
+        records = read_sft_jsonl(build_shapes_sft_world(Path(tmp), args.images))
         for hidden, layers in args.shapes:
-            model_dir = build_model(Path(tmp), hidden, layers)
+            model_dir = build_quickstart_llava(Path(tmp), hidden, layers)
             for batch_size in args.batch_sizes:
                 times = time_shape(model_dir, records, batch_size, providers, args.warmup, args.rounds, args.seed)
                 rows.append((f"{hidden}x{layers}", batch_size, times))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import build_quickstart_llava, build_shapes_sft_world, machine_info  # noqa: E402
 
 import spr_lightning.sft as sft_module  # noqa: E402
 from datamodules.sft import (  # noqa: E402
@@ -54,15 +54,7 @@ def per_query_loss(attention: torch.Tensor, queries: list, head: int = 0) -> tor
 
 
 def build(tmp: Path, images: int) -> tuple[Path, Path]:
-    from spr_lightning.quickstart import COORD_FORMAT, VISION_96
-    from spr_lightning.shapes import write_world
-    from spr_lightning.tiny.small_llava import MINIGPT_V2_TOKENS, build_small_llava
-
-    paths = write_world(tmp / "world", {"train": images}, seed=0, image_size=224, coord_format=COORD_FORMAT)
-    model = build_small_llava(tmp / "model", image_size=VISION_96["image_size"], patch_size=VISION_96["patch_size"],
-                              vision_hidden=VISION_96["hidden_size"], vision_layers=VISION_96["num_layers"],
-                              text_hidden=128, text_layers=2, location_tokens=MINIGPT_V2_TOKENS)
-    return model, Path(paths.sft["train"])
+    return build_quickstart_llava(tmp), build_shapes_sft_world(tmp, images)
 
 
 def loss_with(loss_fn: Any, module: Any, batch: dict[str, Any]) -> float:
