@@ -28,6 +28,14 @@ def test_best_paired_with_worst():
     assert choose_pair(["a", "b", "c"], [0.4, 0.9, 0.1], "gt", "best", 0.1) == ("b", 0.9, "c", 0.1)
 
 
+def test_precision_pairs_reject_the_worst_answer_on_the_named_object():
+    texts, ious = ["a", "b", "c", "d"], [0.55, 0.9, 0.1, 0.7]
+    assert choose_pair(texts, ious, "gt", "best", 0.1, rejected_min_iou=0.5) == ("b", 0.9, "a", 0.55)
+    assert choose_pair(texts, ious, "gt", "best", 0.1) == ("b", 0.9, "c", 0.1)  # default: the worst of all
+    assert choose_pair(texts, ious, "gt", "best", 0.4, rejected_min_iou=0.5) is None  # gap 0.35 < 0.4
+    assert choose_pair(["a", "b"], [0.3, 0.1], "gt", "best", 0.1, rejected_min_iou=0.5) is None  # none on target
+
+
 def test_refined_snaps_only_above_half_and_truth_always():
     assert choose_pair(["a", "b"], [0.6, 0.0], "gt", "refined", 0.1) == ("gt", 1.0, "b", 0.0)
     assert choose_pair(["a", "b"], [0.4, 0.0], "gt", "refined", 0.1) == ("a", 0.4, "b", 0.0)

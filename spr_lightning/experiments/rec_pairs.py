@@ -49,17 +49,22 @@ def answer_iou(box: Sequence[float], target: Sequence[float]) -> float:
 
 
 def choose_pair(texts: Sequence[str], ious: Sequence[float], truth: str, chosen_mode: str,
-                min_gap: float) -> tuple[str, float, str, float] | None:
+                min_gap: float, rejected_min_iou: float = 0.0) -> tuple[str, float, str, float] | None:
     """``(chosen, chosen IoU, rejected, rejected IoU)`` of one question's sampled answers, or ``None`` when the pair
     would teach nothing (equal sides, a blank preferred side, or an IoU gap under ``min_gap``).
 
     The best-IoU answer is paired with the worst (the first of equals); ``chosen_mode`` (:data:`CHOSEN_MODES`)
-    may put ``truth``, the annotation's answer, on the preferred side.
+    may put ``truth``, the annotation's answer, on the preferred side. ``rejected_min_iou`` > 0 makes *precision*
+    pairs: the rejected side is the worst answer with at least that IoU (e.g. 0.5: both sides box the named object,
+    only their tightness differs), and a question without one gives ``None``.
     """
     if chosen_mode not in CHOSEN_MODES:
         raise ValueError(f"chosen_mode must be one of {CHOSEN_MODES}, got {chosen_mode!r}")
     best = max(range(len(texts)), key=ious.__getitem__)
-    worst = min(range(len(texts)), key=ious.__getitem__)
+    eligible = [i for i in range(len(texts)) if ious[i] >= rejected_min_iou]
+    if not eligible:
+        return None
+    worst = min(eligible, key=ious.__getitem__)
     chosen, chosen_iou = texts[best], ious[best]
     if chosen_mode == "truth" or (chosen_mode == "refined" and chosen_iou > 0.5):
         chosen, chosen_iou = truth, 1.0
@@ -111,7 +116,8 @@ def _summary(stats: dict[str, Any], chosen_mode: str, candidates: int) -> dict[s
 
 def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queries: int = 600, candidates: int = 4,
                     chosen: str = "best", min_gap: float = 0.1, temperature: float = 1.0, batch_size: int = 8,
-                    seed: int = 0, coord_format: str = "minigpt_v2", progress: bool = True) -> dict[str, Any]:
+                    seed: int = 0, coord_format: str = "minigpt_v2", progress: bool = True,
+                    rejected_min_iou: float = 0.0) -> dict[str, Any]:
     """Sample REC answers of ``model`` to ``queries`` of the world's training questions and write the pairs.
 
     Args:
@@ -127,6 +133,7 @@ def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queri
         seed: which questions, and the sampling.
         coord_format: the model's box format.
         progress: show a progress bar.
+        rejected_min_iou: least IoU of the rejected side (:func:`choose_pair`; 0: the worst answer, as SPR pairs).
 
     Returns:
         the summary (also written to ``out_dir/summary.json``): questions, pairs, the sampled answers' and the
@@ -167,7 +174,7 @@ def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queri
             stats["queries"] += 1
             stats["ious"].extend(ious)
             stats["best"].append(max(ious))
-            pair = choose_pair(texts, ious, row["answer"], chosen, min_gap)
+            pair = choose_pair(texts, ious, row["answer"], chosen, min_gap, rejected_min_iou)
             if pair is None:
                 continue
             record = {
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--candidates", type=int, default=4, help="sampled answers per question")
     parser.add_argument("--chosen", choices=CHOSEN_MODES, default="best", help="what the preferred side is")
     parser.add_argument("--min-gap", type=float, default=0.1, help="smallest IoU gap between chosen and rejected")
+    parser.add_argument("--rejected-min-iou", type=float, default=0.0,
+                        help="least IoU of the rejected answer (0.5: precision pairs, both sides on the named object)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     summary = build_rec_pairs(args.model, args.world, args.out, queries=args.queries, candidates=args.candidates,
                               chosen=args.chosen, min_gap=args.min_gap, temperature=args.temperature,
-                              batch_size=args.batch_size, seed=args.seed, coord_format=args.coord_format)
+                              batch_size=args.batch_size, seed=args.seed, coord_format=args.coord_format,
+                              rejected_min_iou=args.rejected_min_iou)
     print(json.dumps(summary, indent=1))
     return summary
 
