@@ -3,7 +3,7 @@
 Why: on-task REC preference pairs (the ``rec_dpo`` control) give only about +2 points although the best of 8
 sampled answers reaches IoU 0.5 for ~77% of the questions against ~42% for the greedy answer. That headroom can be
 of two kinds. *Selection*: the samples spread over several objects and one of them happens to be the named one, which
-the policy cannot tell apart (DPO can only sharpen a preference the model can represent). *Precision*: the samples
+the policy cannot tell apart. *Precision*: the samples
 land on the named object and one of them is boxed more tightly, which is what Acc@0.75 needs.
 
 For the REC questions of a world's split (``sft_<split>.jsonl``), the model answers greedily once and samples ``K``
@@ -11,8 +11,8 @@ answers at temperature 1; each answer's box is assigned to the annotated object 
 none. Prints, over questions: the per-question share of samples on the named object (how often the policy is sure,
 unsure or wrong), the distinct objects the samples land on, and the best-of-K headroom at IoU 0.5 and 0.75 split
 into questions where the greedy answer is on another object or none (selection) and where it is on the named object
-but below 0.75 (precision); and, for greedy answers on the named object, the signed box errors (a shared bias is
-something a preference step can learn to remove, unbiased noise is not).
+but below 0.75 (precision); and, for greedy answers on the named object, the signed box errors (a shared bias would
+be one correction for every box; unbiased scatter has to be corrected box by box).
 
     python docs/results/probes/rec_sample_spread.py MODEL WORLD [--split test] [--questions 400] [--samples 8]
 """
@@ -153,8 +153,8 @@ def main() -> None:
           "selection (greedy on another object or none)")
     if errors:
         cols = list(zip(*errors))
-        print("greedy answers on the named object, signed error mean ± std (a bias DPO could learn to remove; "
-              "noise around zero it cannot): " + ", ".join(
+        print("greedy answers on the named object, signed error mean ± std (a shared bias is one correction for "
+              "every box; scatter around zero has to be corrected box by box): " + ", ".join(
                   f"{name} {statistics.mean(c):+.3f} ± {statistics.pstdev(c):.3f}"
                   for name, c in zip(("centre x / side", "centre y / side", "log width ratio", "log height ratio"),
                                      cols)))
