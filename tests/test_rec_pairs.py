@@ -109,3 +109,15 @@ def test_build_rec_pairs_writes_shards_dpo_reads(tmp_path, monkeypatch):
     for record in records:
         assert record["chosen"] == truth[record["prompt"]] and record["scores"]["rejected"]["iou"] == 0.0
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_answer_rec_questions_names_a_question_whose_image_is_missing(tmp_path):
+    from spr_lightning.experiments.rec_pairs import answer_rec_questions
+
+    class NoGenerator:  # never reached: the missing image is found first
+        def generate(self, prompts, images, sizes):
+            raise AssertionError("generate called")
+
+    rows = [{"id": "7-0", "image": "images/7.jpg", "image_size": [8, 8], "prompt": "p"}]
+    with pytest.raises(FileNotFoundError, match=r"REC question '7-0': no image .*images/7\.jpg"):
+        list(answer_rec_questions(NoGenerator(), rows, tmp_path, progress=False))

@@ -24,7 +24,7 @@ import json
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ import torch
 from spr_lightning.evaluation import rec_box
 from spr_lightning.metrics.accuracy import paired_iou
 
-__all__ = ["CHOSEN_MODES", "answer_iou", "build_rec_pairs", "choose_pair", "main", "read_rec_questions"]
+__all__ = ["CHOSEN_MODES", "answer_iou", "answer_rec_questions", "build_rec_pairs", "choose_pair", "main",
+           "read_rec_questions"]
 
 CHOSEN_MODES = ("best", "refined", "truth")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -114,6 +115,30 @@ def _summary(stats: dict[str, Any], chosen_mode: str, candidates: int) -> dict[s
     }  # fmt: skip
 
 
+def answer_rec_questions(generator: Any, rows: Sequence[dict[str, Any]], world: Path, batch_size: int = 8,
+                         progress: bool = True) -> Iterator[tuple[dict[str, Any], tuple[int, int], list[str]]]:
+    """``(question row, image size, the generator's answer texts)`` for each of ``rows``, ``batch_size`` at a time.
+
+    Raises:
+        FileNotFoundError: a question's image is missing, naming the question and the path.
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    for first in tqdm(range(0, len(rows), batch_size), desc="REC questions", unit="batch", disable=not progress):
+        batch = rows[first:first + batch_size]
+        images = []
+        for row in batch:
+            path = world / row["image"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{world}: REC question {row['id']!r}: no image {path}")
+            images.append(Image.open(path).convert("RGB"))
+        sizes = [tuple(row["image_size"]) for row in batch]
+        with torch.no_grad():
+            answers = generator.generate([row["prompt"] for row in batch], images, sizes)
+        yield from zip(batch, sizes, answers)
+
+
 def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queries: int = 600, candidates: int = 4,
                     chosen: str = "best", min_gap: float = 0.1, temperature: float = 1.0, batch_size: int = 8,
                     seed: int = 0, coord_format: str = "minigpt_v2", progress: bool = True,
@@ -139,9 +164,6 @@ def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queri
         the summary (also written to ``out_dir/summary.json``): questions, pairs, the sampled answers' and the
         best-of-k accuracy at IoU 0.5-0.9, the mean IoU of the chosen and of the rejected side.
     """
-    from PIL import Image
-    from tqdm import tqdm
-
     from callbacks import ShardWriter
     from spr_lightning.generation import CandidateGenerator
     from spr_lightning.shards import SCHEMA_VERSION
@@ -158,37 +180,26 @@ def build_rec_pairs(model: str, world: str | Path, out_dir: str | Path, *, queri
     writer = ShardWriter(out, prefix="pairs", samples_per_shard=1000).start()
     torch.manual_seed(seed)
     stats: dict[str, Any] = {"queries": 0, "pairs": 0, "ious": [], "best": [], "chosen": [], "rejected": []}
-    for first in tqdm(range(0, len(rows), batch_size), desc="REC pairs", unit="batch", disable=not progress):
-        batch = rows[first:first + batch_size]
-        images = []
-        for row in batch:
-            path = world / row["image"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{world / 'sft_train.jsonl'}: REC question {row['id']!r}: no image {path}")
-            images.append(Image.open(path).convert("RGB"))
-        sizes = [tuple(row["image_size"]) for row in batch]
-        with torch.no_grad():
-            answers = generator.generate([row["prompt"] for row in batch], images, sizes)
-        for row, size, texts in zip(batch, sizes, answers):
-            ious = [answer_iou(rec_box(generator.codec.decode(t, size)), row["boxes"][0]) for t in texts]
-            stats["queries"] += 1
-            stats["ious"].extend(ious)
-            stats["best"].append(max(ious))
-            pair = choose_pair(texts, ious, row["answer"], chosen, min_gap, rejected_min_iou)
-            if pair is None:
-                continue
-            record = {
-                "schema": SCHEMA_VERSION, "query_id": row["id"], "image_id": str(row["id"]).split("-")[0],
-                "file_name": row["image"], "image_size": list(size), "region": list(row["boxes"][0]),
-                "prompt": row["prompt"], "chosen": pair[0], "rejected": pair[2], "coord_format": coord_format,
-                "scores": {"chosen": {"iou": pair[1]}, "rejected": {"iou": pair[3]}}, "task": "rec",
-                "source": str(model),
-            }  # fmt: skip
-            writer.write_sample({"__key__": row["id"], "json": json.dumps(record).encode(),
-                                 "jpg": (world / row["image"]).read_bytes()})
-            stats["pairs"] += 1
-            stats["chosen"].append(pair[1])
-            stats["rejected"].append(pair[3])
+    for row, size, texts in answer_rec_questions(generator, rows, world, batch_size, progress):
+        ious = [answer_iou(rec_box(generator.codec.decode(t, size)), row["boxes"][0]) for t in texts]
+        stats["queries"] += 1
+        stats["ious"].extend(ious)
+        stats["best"].append(max(ious))
+        pair = choose_pair(texts, ious, row["answer"], chosen, min_gap, rejected_min_iou)
+        if pair is None:
+            continue
+        record = {
+            "schema": SCHEMA_VERSION, "query_id": row["id"], "image_id": str(row["id"]).split("-")[0],
+            "file_name": row["image"], "image_size": list(size), "region": list(row["boxes"][0]),
+            "prompt": row["prompt"], "chosen": pair[0], "rejected": pair[2], "coord_format": coord_format,
+            "scores": {"chosen": {"iou": pair[1]}, "rejected": {"iou": pair[3]}}, "task": "rec",
+            "source": str(model),
+        }  # fmt: skip
+        writer.write_sample({"__key__": row["id"], "json": json.dumps(record).encode(),
+                             "jpg": (world / row["image"]).read_bytes()})
+        stats["pairs"] += 1
+        stats["chosen"].append(pair[1])
+        stats["rejected"].append(pair[3])
     writer.finish()
     summary = _summary(stats, chosen, candidates)
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

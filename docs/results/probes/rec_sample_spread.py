@@ -28,11 +28,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm import tqdm
 
 from spr_lightning.evaluation import rec_box
-from spr_lightning.experiments.rec_pairs import answer_iou, read_rec_questions
+from spr_lightning.experiments.rec_pairs import answer_iou, answer_rec_questions, read_rec_questions
 from spr_lightning.generation import CandidateGenerator
 
 
@@ -65,16 +63,9 @@ def box_error(box: list[float], target: list[float]) -> tuple[float, float, floa
 
 
 def answers(generator: CandidateGenerator, rows: list[dict], world: Path, batch: int) -> list[list[list[float]]]:
-    out = []
-    for first in tqdm(range(0, len(rows), batch), unit="batch", leave=False):
-        chunk = rows[first:first + batch]
-        images = [Image.open(world / row["image"]).convert("RGB") for row in chunk]
-        sizes = [tuple(row["image_size"]) for row in chunk]
-        with torch.no_grad():
-            texts = generator.generate([row["prompt"] for row in chunk], images, sizes)
-        out.extend([[list(rec_box(generator.codec.decode(t, size))) for t in per_row]
-                    for per_row, size in zip(texts, sizes)])
-    return out
+    """Each question's answer boxes (``xyxy``; NaN for an answer without a box)."""
+    return [[list(rec_box(generator.codec.decode(t, size))) for t in texts]
+            for _, size, texts in answer_rec_questions(generator, rows, world, batch)]
 
 
 def pct(part: float, whole: float) -> str:
