@@ -4,7 +4,9 @@ Loss: the mean token cross-entropy over answer tokens only (``labels`` is ``-100
 
     L = -(1 / N) * Σ_{t : labels_t ≠ -100} log p(labels_t | tokens_<t, image),
 
-N the number of answer tokens in the batch. The LM head runs on answer positions only, in chunks under
+N the number of answer tokens in the batch. With ``coordinate_label_sigma`` > 0 the answer tokens that are box
+coordinates are trained against a Gaussian over the neighbouring bins instead of a one-hot target
+(:mod:`spr_lightning.coordinate_labels`). The LM head runs on answer positions only, in chunks under
 activation checkpointing (as DPO's log-probs do), so no ``[B, T, V]`` logits tensor is ever built.
 
 Two regimes: LoRA on the language model (default; checkpoints hold only the adapter), or full fine-tuning of
@@ -25,6 +27,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from spr_lightning.coordinate_labels import CoordinateTargets, coordinate_targets, soft_target_logits
 from spr_lightning.grounding_attention import (
     box_queries,
     grounding_attention_loss,
@@ -48,14 +51,16 @@ log = logging.getLogger(__name__)
 PROJECTOR_NAMES = ("multi_modal_projector", "merger")
 
 
-def _chunk_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _chunk_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                 soft: CoordinateTargets | None = None) -> tuple[Tensor, Tensor]:
     logits = nn.functional.linear(hidden, weight, bias).float()
-    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+    nll = torch.logsumexp(logits, dim=-1) - soft_target_logits(logits, targets, soft)
     return nll.sum(), (logits.argmax(dim=-1) == targets).sum()
 
 
 def answer_token_stats(
-    hidden_states: Tensor, lm_head: nn.Module, labels: Tensor, *, chunk_size: int = 1024
+    hidden_states: Tensor, lm_head: nn.Module, labels: Tensor, *, chunk_size: int = 1024,
+    coordinate_soft_targets: CoordinateTargets | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed negative log-likelihood, greedy-correct count and count of the labelled tokens.
 
@@ -64,9 +69,11 @@ def answer_token_stats(
         lm_head: the output projection (an ``nn.Linear``).
         labels: ``[B, T]`` token ids, ``-100`` everywhere but the answer.
         chunk_size: answer positions per LM-head block.
+        coordinate_soft_targets: Gaussian targets for coordinate tokens (``None``: one-hot everywhere).
 
     Returns:
-        ``(nll_sum, correct, count)``: fp32 sum of ``-log p`` over labelled tokens, the number of them that are the
+        ``(nll_sum, correct, count)``: fp32 sum of ``-log p`` over labelled tokens (the soft cross-entropy at
+        coordinate tokens when ``coordinate_soft_targets`` is given), the number of them that are the
         argmax of their logits (teacher-forced token accuracy), and their number.
     """
     target = labels[:, 1:]
@@ -76,7 +83,8 @@ def answer_token_stats(
     nll = hidden_states.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=labels.device)
     for start in range(0, selected.shape[0], chunk_size):
-        args = (selected[start : start + chunk_size], weight, bias, targets[start : start + chunk_size])
+        args = (selected[start : start + chunk_size], weight, bias, targets[start : start + chunk_size],
+                coordinate_soft_targets)
         if torch.is_grad_enabled() and selected.requires_grad:
             piece_nll, piece_correct = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
@@ -156,6 +164,9 @@ class SFTModule(LightningModule):
         grounding_attention_start: share of the run's optimizer steps trained without the auxiliary loss before
             it is switched on (measured on SPR-Shapes: from a random start the supervised head's lookup is
             learned but the coordinates read out of it are not; after plain SFT both are, docs/results.md).
+        coordinate_label_sigma: train coordinate tokens against a Gaussian over the neighbouring bins with this
+            standard deviation in bins (:mod:`spr_lightning.coordinate_labels`); ``0`` (default) is plain one-hot
+            cross-entropy. Needs a bin format written as whole tokens (MiniGPT-v2's ``<0>``...``<100>``).
         trust_remote_code: allow custom model code from the hub (off unless set).
     """
 
@@ -182,6 +193,7 @@ class SFTModule(LightningModule):
         grounding_attention_every_coordinate: bool = False,
         grounding_attention_phrase: bool = False,
         grounding_attention_start: float = 0.0,
+        coordinate_label_sigma: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -193,6 +205,8 @@ class SFTModule(LightningModule):
             raise ValueError(f"grounding_attention_weight must be >= 0, got {grounding_attention_weight}")
         if not 0.0 <= grounding_attention_start < 1.0:
             raise ValueError(f"grounding_attention_start must be in [0, 1), got {grounding_attention_start}")
+        if coordinate_label_sigma < 0:
+            raise ValueError(f"coordinate_label_sigma must be >= 0 bins, got {coordinate_label_sigma}")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
@@ -208,6 +222,10 @@ class SFTModule(LightningModule):
                 self._phrase_ids = phrase_token_ids(self.processor.tokenizer)
             # Only eager attention returns the probabilities the auxiliary loss reads.
             self.base_model.set_attn_implementation("eager")
+        self._coordinate_targets = None
+        if coordinate_label_sigma > 0:
+            self._coordinate_targets = coordinate_targets(location_token_values(self.processor.tokenizer),
+                                                          coordinate_label_sigma)
 
     def _load_policy(self) -> nn.Module:
         hp = self.hparams
@@ -242,8 +260,12 @@ class SFTModule(LightningModule):
         base, hp = self.base_model, self.hparams
         supervise = hp.grounding_attention_weight > 0 and self._grounding_attention_on()
         outputs = base.model(**inputs, use_cache=False, output_attentions=supervise)
+        soft = self._coordinate_targets
+        if soft is not None and soft.kernel.device != batch["labels"].device:
+            soft = self._coordinate_targets = soft.to(batch["labels"].device)
         nll, correct, count = answer_token_stats(outputs.last_hidden_state, base.get_output_embeddings(),
-                                                 batch["labels"], chunk_size=hp.chunk_size)
+                                                 batch["labels"], chunk_size=hp.chunk_size,
+                                                 coordinate_soft_targets=soft)
         count = count.clamp(min=1)
         stats = {"loss": nll / count, "token_accuracy": correct.float() / count, "num_tokens": count.float()}
         if supervise:
