@@ -224,8 +224,12 @@ class SFTModule(LightningModule):
             self.base_model.set_attn_implementation("eager")
         self._coordinate_targets = None
         if coordinate_label_sigma > 0:
-            self._coordinate_targets = coordinate_targets(location_token_values(self.processor.tokenizer),
-                                                          coordinate_label_sigma)
+            try:
+                values = location_token_values(self.processor.tokenizer)
+            except ValueError as error:
+                raise ValueError(f"coordinate_label_sigma={coordinate_label_sigma} on {model_name_or_path}: {error}") \
+                    from error
+            self._coordinate_targets = coordinate_targets(values, coordinate_label_sigma)
 
     def _load_policy(self) -> nn.Module:
         hp = self.hparams

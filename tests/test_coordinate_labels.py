@@ -123,5 +123,5 @@ def test_sft_steps_with_soft_labels_put_mass_on_the_neighbouring_bins(small_llav
 def test_sigma_is_checked_and_needs_location_tokens(small_llava, tiny_models):
     with pytest.raises(ValueError, match="coordinate_label_sigma"):
         SFTModule(str(small_llava), lora=False, coordinate_label_sigma=-1.0)
-    with pytest.raises(ValueError, match="location tokens"):
+    with pytest.raises(ValueError, match="coordinate_label_sigma=1.0 on .*location tokens"):
         SFTModule(str(tiny_models["llava"]), coordinate_label_sigma=1.0)
