@@ -8,7 +8,7 @@ renormalised); every other token keeps its one-hot target. The loss stays a cros
 ``logsumexp(logits) - sum_j q_j * logit_j``, so it is exact against ``-sum_j q_j log p_j`` over the whole vocabulary.
 
 Why here: on SPR-Shapes the image tokens hold far tighter boxes than the language model writes from them
-(docs/results.md, "How precise can the image tokens make a box?").
+(docs/results/notebook.md, "How precise can the image tokens make a box?").
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_batch_of_hand_made_cases_matches_one_by_one():
 
 
 def test_ranks_the_named_object_first_where_algorithm1_does_not():
-    """The reason the option exists (docs/results.md, session 17): three annotated objects, the grounder finds
+    """The reason the option exists (docs/results/notebook.md, session 17): three annotated objects, the grounder finds
     the named one (A). Algorithm 1 ranks a box on an unnamed object above one on nowhere above one on A."""
     anno, ground = [A, B, D], [A]
     alg1 = {name: localization_score_reference([box], ground, anno)

@@ -31,9 +31,10 @@ arm               mirrors                             model evaluated
 The two controls bound what SPR could do on the start: ``oracle`` is the best any reward on the same descriptions
 could rank them, ``rec_dpo`` asks whether the preference step moves the evaluated task at all when its pairs are
 that task's answers. Together they separate "the reward is wrong", "DPO cannot lift REC here" and "description
-pairs do not carry over to REC". ``spr_boxes`` is what those controls led to (``docs/results.md``, sessions 17-18):
-on a start that cannot bind words to objects, pairs that differ only in where one box is teach box precision, and
-Algorithm 1 only rewards it without the grounder (its boxes sit on both sides and hide the written ones).
+pairs do not carry over to REC". ``spr_boxes`` is what those controls led to
+(``docs/results/notebook.md``, sessions 17-18): on a start that cannot bind words to objects, pairs that differ
+only in where one box is teach box precision, and Algorithm 1 only rewards it without the grounder (its boxes sit
+on both sides and hide the written ones).
 
 Layout under ``--out``: one world, one pretrained vision tower and one CLIP (``world/``, ``vision/``, ``clip/``,
 seed 0, shared by every seed); per seed

@@ -5,7 +5,7 @@ option exists: Algorithm 1 puts the grounder's boxes in both ``B_gt`` and ``B_pr
 finds for the description is already covered on the prediction side, and a written box adds to ``S_loc`` only
 when it lands on an annotated object the grounder did *not* find. A box on the object its phrase names usually
 scores the same as a box on nothing, and a box on some other, unnamed object can score higher (hand case in
-``docs/results.md``, "Selection, not grounding"). On candidates that differ only in their boxes that ranks
+``docs/results/notebook.md``, "Selection, not grounding"). On candidates that differ only in their boxes that ranks
 binding errors above correct boxes. This score asks the question a grounding model should answer: is each box on
 what its words name?
 

@@ -20,7 +20,7 @@ Choices and why:
   multi-word pieces (``"of the small red "``, ``"green square."``) into single tokens: shorter sequences, but
   a colour or shape inside such a piece has to be learned separately for every piece it occurs in. A ``full``
   quickstart start trained with it put half as many REC boxes on an object (REC Acc@0.5 7.1% vs 11.3%), though
-  it read colours better while describing (``docs/results.md``, "One token per word").
+  it read colours better while describing (``docs/results/notebook.md``, "One token per word").
 * **Text model:** a small Llama (``text_hidden`` wide, ``text_layers`` deep). Randomly initialised: SFT
   (:mod:`spr_lightning.sft`) teaches it the world; nothing here is pretrained or downloaded.
 """

@@ -1,6 +1,6 @@
-"""One-off probe (docs/results.md, "Colour made loud for the language model"): give a trained small LLaVA's projector
-channels that carry each object's colour, shape and size loudly, then continue SFT and see whether REC starts to
-pick objects by colour.
+"""One-off probe (docs/results/notebook.md, "Colour made loud for the language model"): give a trained small LLaVA's
+projector channels that carry each object's colour, shape and size loudly, then continue SFT and see whether REC
+starts to pick objects by colour.
 
 Ridge probes of the tower token at each object's box centre (colour, shape, size, one-hot targets) replace the
 ``linear_1`` rows that matter least (activation std x ``linear_2`` column norm), scaled so their pre-activations

@@ -1,4 +1,4 @@
-"""One-off probe (docs/results.md, "How precise can the image tokens make a box?"): is a start's REC precision
+"""One-off probe (docs/results/notebook.md, "How precise can the image tokens make a box?"): is a start's REC precision
 limited by what its image tokens hold, or by the language model that reads them?
 
 For every annotated object, the tokens in a ``window`` x ``window`` neighbourhood of the grid cell that holds the

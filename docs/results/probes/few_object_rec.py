@@ -1,5 +1,5 @@
-"""One-off probe (docs/results.md, "Batch size, learning rate and a curriculum"): REC-only SFT on scenes of a few
-objects, to compare SFT recipes on the image lookup at a cost a CPU can pay.
+"""One-off probe (docs/results/notebook.md, "Batch size, learning rate and a curriculum"): REC-only SFT on scenes of a
+few objects, to compare SFT recipes on the image lookup at a cost a CPU can pay.
 
 Writes, into ``OUT``: fresh SPR-Shapes scenes of ``--min-objects``..``--max-objects`` objects (``train`` and a
 held-out ``test`` split, their own seeds), the REC lines of the training scenes as ``rec_train.jsonl``, and, from a

@@ -1,5 +1,5 @@
-"""One-off probe (docs/results.md, "Grounding attention"): where a REC answer's lookup breaks, teacher-forced on a
-world's REC lines.
+"""One-off probe (docs/results/notebook.md, "Grounding attention"): where a REC answer's lookup breaks, teacher-forced
+on a world's REC lines.
 
 For each REC line (the right answer given), at the position that predicts the box's first coordinate:
 

@@ -1,4 +1,4 @@
-"""One-off probe (docs/results.md, "The reward decides by S_sem"): does DPO on *box precision alone* move the
+"""One-off probe (docs/results/notebook.md, "The reward decides by S_sem"): does DPO on *box precision alone* move the
 strict IoU thresholds?
 
 SPR pairs its best description with its worst, so the two sides differ in which objects they name and where. Here

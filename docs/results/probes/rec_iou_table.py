@@ -1,7 +1,7 @@
-"""One-off probe (docs/results.md, "Acc@0.75 measured"): REC accuracy at any IoU threshold, and the gain of each run
-over a start, recomputed from the per-sample IoUs the evaluator writes (``predictions-rank0.jsonl``), overall and by
-target size. It needs no model: it reads finished evaluations, so runs made before a threshold was reported can be
-measured at it. Run by hand, not part of the package:
+"""One-off probe (docs/results/notebook.md, "Acc@0.75 measured"): REC accuracy at any IoU threshold, and the gain of
+each run over a start, recomputed from the per-sample IoUs the evaluator writes (``predictions-rank0.jsonl``),
+overall and by target size. It needs no model: it reads finished evaluations, so runs made before a threshold was
+reported can be measured at it. Run by hand, not part of the package:
 
     python docs/results/probes/rec_iou_table.py START_PREDICTIONS RUN_DIR... [--arm spr_boxes] [--thresholds 0.5 0.75]
 

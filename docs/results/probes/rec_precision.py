@@ -1,9 +1,9 @@
-"""One-off probe (docs/results.md, "A tower with more image tokens"): how precise a start's REC boxes are, read from
-the per-sample boxes its evaluation wrote (``predictions-rank0.jsonl``), so starts of different shapes can be set
-side by side without loading a model. For the hits at IoU >= 0.5 it gives their median IoU, the centre error in
+"""One-off probe (docs/results/notebook.md, "A tower with more image tokens"): how precise a start's REC boxes are, read
+from the per-sample boxes its evaluation wrote (``predictions-rank0.jsonl``), so starts of different shapes can be
+set side by side without loading a model. For the hits at IoU >= 0.5 it gives their median IoU, the centre error in
 pixels and as a share of the target's longest side, and the size error (median |log| of the predicted to the true
-width and height); for all answers, Acc@0.5/0.75/0.9 and how often the predicted centre lies inside the target.
-Run by hand, not part of the package:
+width and height); for all answers, Acc@0.5/0.75/0.9 and how often the predicted centre lies inside the target. Run
+by hand, not part of the package:
 
     python docs/results/probes/rec_precision.py NAME=PREDICTIONS.jsonl [NAME=PREDICTIONS.jsonl ...] [--side 40]
 """

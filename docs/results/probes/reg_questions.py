@@ -1,4 +1,4 @@
-"""One-off probe (docs/results.md, "Reading works, finding does not"): REG questions, the opposite of REC.
+"""One-off probe (docs/results/notebook.md, "Reading works, finding does not"): REG questions, the opposite of REC.
 
 For every annotated object of an SPR-Shapes split, the question "What is the object at {box}? Answer in a few
 words." answered with its category ("a small red circle"), as SFT lines (the format ``datamodules.sft`` reads),

@@ -1,5 +1,5 @@
-"""One-off probe (docs/results.md, "Can the language model do it in text?"): train the SFT start's language model
-(same Llama config and tokenizer, random init) on REC written out in words, with no image at all.
+"""One-off probe (docs/results/notebook.md, "Can the language model do it in text?"): train the SFT start's language
+model (same Llama config and tokenizer, random init) on REC written out in words, with no image at all.
 
 Each sample lists a world image's objects in reading order as ``size colour shape <x1><y1><x2><y2>`` (MiniGPT-v2
 bins), then asks ``where is the <size colour shape> ?`` for an object whose words are unique in the image; the loss

@@ -1,5 +1,5 @@
-"""One-off probe (docs/results.md, "One token per word", session 13): in how many different tokens does a colour
-or a shape word of SPR-Shapes reach the language model?
+"""One-off probe (docs/results/notebook.md, "One token per word", session 13): in how many different tokens does a
+colour or a shape word of SPR-Shapes reach the language model?
 
 A byte-level BPE trained without a word-splitting pre-tokenizer merges frequent multi-word pieces of the world's
 texts (``"of the small red "``, ``"green square."``): the word "red" then reaches the model inside many different
