@@ -11,6 +11,7 @@ continuation of its SFT, against the same continuation of the ungrown start, mea
   projections receive gradient from the first step). Their other weights keep the model's random initialisation
   (``--init random``, std 0.02: measured, they stay nearly unused over a 4 000-step continuation) or copy the
   start's layers in turn (``--init copy``), so that their attention and MLP act at the trained scale at once.
+  Measured (session 24): used a little more, and REC within noise of the ungrown continuation either way.
 * ``--intermediate-size N`` widens every layer's MLP: the new gate/up rows are random, the new columns of the
   down projection zero.
 
