@@ -45,8 +45,8 @@ def grow(model: LlavaForConditionalGeneration, add_layers: int = 0, intermediate
         raise ValueError(f"--intermediate-size {text.intermediate_size} is below the start's {old_width}")
     torch.manual_seed(seed)
     grown = LlavaForConditionalGeneration(config).to(model.dtype)
-    target = grown.state_dict()
-    for name, value in model.state_dict().items():
+    target, weights = grown.state_dict(), model.state_dict()
+    for name, value in weights.items():
         if name not in target:
             raise KeyError(f"{name}: in the start, not in the grown model")
         slot = target[name]
@@ -62,7 +62,7 @@ def grow(model: LlavaForConditionalGeneration, add_layers: int = 0, intermediate
     for index in range(old_layers, old_layers + add_layers):
         if init == "copy":
             source = f"layers.{index % old_layers}."
-            for name, value in model.state_dict().items():
+            for name, value in weights.items():
                 if source in name and ".language_model." in name and target[name].shape == value.shape:
                     target[name.replace(source, f"layers.{index}.")].copy_(value)
         o_proj = next(n for n in target if n.endswith(f"layers.{index}.self_attn.o_proj.weight"))
