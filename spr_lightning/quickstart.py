@@ -649,10 +649,13 @@ def check_world_scene(out: str | Path, scene: Mapping[str, Any] | None, redo: st
 def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", redo: str | None = None,
                    accelerator: str = "cpu", overrides: Mapping[str, Mapping[str, Any]] | None = None,
                    scene: Mapping[str, Any] | None = None, model: Mapping[str, int] | None = None,
-                   vision: Mapping[str, int] | None = None) -> str:
+                   vision: Mapping[str, int] | None = None, until: str | None = None) -> str:
     """Run (or resume) every stage into ``out`` on ``accelerator``, with ``overrides`` (:class:`Run`) applied to
     the configs of the stages it runs, ``scene`` to a world it makes, ``vision`` to a tower it pretrains and
     ``model`` to a base model it builds; returns the printed report.
+
+    ``until`` stops after that stage (e.g. ``"sft"`` to build an SFT start for ``experiments.shapes --sft-start``
+    without the quickstart's own SPR stages); the return value then says where it stopped.
 
     Raises:
         ValueError: ``scene``, ``vision`` or ``model`` differs from that of the world, tower or base model already
@@ -661,13 +664,16 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
     size_by_name(size)
     if redo is not None and redo not in STAGES:
         raise ValueError(f"redo must be one of {STAGES}, got {redo!r}")
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_world_scene(out, scene, redo)
     check_vision_tower(out, size, vision, redo)
     check_base_model(out, size, model, redo)
     run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model, vision)
     start = time.perf_counter()
-    for k, stage in enumerate(STAGES):
+    stages = STAGES if until is None else STAGES[: STAGES.index(until) + 1]
+    for k, stage in enumerate(stages):
         if reruns(redo, stage):
             shutil.rmtree(run.path(stage), ignore_errors=True)
         if run.done(stage):
@@ -681,6 +687,12 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
         seconds = time.perf_counter() - began
         run.mark_done(stage, {"seconds": round(seconds, 1), "results" if stage == "eval" else "info": info})
         print(f"[quickstart] {stage} finished in {seconds:.0f} s", flush=True)
+    if stages != STAGES:
+        minutes = (time.perf_counter() - start) / 60
+        text = (f"[quickstart] stopped after {until} (--until {until}) in {minutes:.1f} min; "
+                f"run again without --until to go on from {STAGES[len(stages)]}")
+        print(text, flush=True)
+        return text
     text = report(run, time.perf_counter() - start)
     print("\n" + text, flush=True)
     return text
@@ -693,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="small", choices=list(SIZES), metavar="{small,full}",
                         help="small (default): under 10 min on 2 CPU cores; full: longer, better models")
     parser.add_argument("--redo", choices=STAGES, help="rerun this stage and every later one")
+    parser.add_argument("--until", choices=STAGES, help="stop after this stage, e.g. sft to build an SFT start "
+                        "for python -m spr_lightning.experiments.shapes --sft-start (a later run goes on from there)")
     parser.add_argument("--accelerator", default="cpu", choices=ACCELERATORS,
                         help="Lightning accelerator of every stage (default cpu: the README's timings and numbers "
                         "are CPU runs; gpu or auto for a CUDA device, one device)")
@@ -722,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
         check_base_model(args.out, args.size, model, args.redo)
     except ValueError as error:
         parser.error(str(error))
-    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene, model, vision)
+    run_quickstart(args.out, args.size, args.redo, args.accelerator, overrides, scene, model, vision, args.until)
 
 
 if __name__ == "__main__":

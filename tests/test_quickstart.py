@@ -170,6 +170,22 @@ def test_an_unknown_size_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_until_stops_after_its_stage_and_a_later_run_goes_on(tmp_path, capsys):
+    out = tmp_path / "qs"
+    with pytest.raises(ValueError, match="until must be one of"):
+        quickstart.run_quickstart(out, "toy", until="pairs")
+    assert not out.exists()
+    quickstart.main(["--out", str(out), "--size", "toy", "--until", "world"])
+    assert (out / "world" / "DONE").is_file() and not (out / "vision").exists()
+    printed = capsys.readouterr().out
+    assert "stopped after world (--until world)" in printed and "go on from vision" in printed
+    assert "REC Acc" not in printed  # no report of stages that did not run
+    quickstart.main(["--out", str(out), "--size", "toy", "--until", "world"])
+    assert "world: done already" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        quickstart.main(["--out", str(out), "--until", "pairs"])
+
+
 def test_parse_overrides_reads_yaml_values_and_names_what_is_wrong():
     parsed = quickstart.parse_overrides(["sft:model.init_args.lr=5e-4", "sft:data.init_args.batch_size=32",
                                          "*:trainer.enable_progress_bar=false"])
