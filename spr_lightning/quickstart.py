@@ -180,13 +180,16 @@ def fit_stage(run: Run, stage: str, config: Path) -> Any:
 
 
 def clear_stage(run: Run, stage: str) -> None:
-    """Empty a stage's folder before it runs again; a :data:`RESUMABLE` stage keeps its ``checkpoints``."""
+    """Empty a stage's folder before it runs again; a :data:`RESUMABLE` stage keeps its ``checkpoints`` and, when
+    it will resume from one, its ``logs`` too, so the interrupted part's metrics stay (the resumed part logs into the
+    next ``logs/version_*``)."""
     folder = run.path(stage)
     if stage not in RESUMABLE or not folder.is_dir() or folder.is_symlink():
         shutil.rmtree(folder, ignore_errors=True)  # refuses a symlink (ignored): a linked folder's files stay
         return
+    keep = {"checkpoints", "logs"} if (folder / "checkpoints" / "last.ckpt").is_file() else {"checkpoints"}
     for child in folder.iterdir():
-        if child.is_dir() and child.name != "checkpoints":
+        if child.is_dir() and child.name not in keep:
             shutil.rmtree(child)
         elif child.is_file():
             child.unlink()

@@ -250,10 +250,15 @@ def test_an_interrupted_sft_stage_resumes_from_its_last_checkpoint(tmp_path):
     assert (tmp_path / "sft" / "checkpoints" / "last.ckpt").is_file()
     again = quickstart.Run(tmp_path, "toy", overrides={"sft": {**every, "trainer.max_steps": 4}})
     quickstart.clear_stage(again, "sft")
-    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["checkpoints", "logs"]  # logs: the first part's
     quickstart.stage_sft(again)
-    rows = list(csv.DictReader(open(next((tmp_path / "sft" / "logs").glob("version_*/metrics.csv")))))
-    assert sorted({int(r["step"]) for r in rows if r.get("train/loss")}) == [2, 3]  # steps 0-1 not trained again
+
+    def logged_steps(version: str) -> list[int]:
+        rows = csv.DictReader(open(tmp_path / "sft" / "logs" / version / "metrics.csv"))
+        return sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+
+    assert logged_steps("version_0") == [0, 1]  # the interrupted part's metrics are kept
+    assert logged_steps("version_1") == [2, 3]  # steps 0-1 not trained again
     assert (tmp_path / "sft" / "model" / "final" / "config.json").is_file()
     assert not (tmp_path / "sft" / "checkpoints").exists()  # deleted once the stage is done
     # a stage folder that is a symlink to another run's is left alone, as rmtree leaves it
@@ -262,6 +267,11 @@ def test_an_interrupted_sft_stage_resumes_from_its_last_checkpoint(tmp_path):
     (tmp_path / "clip").symlink_to(tmp_path / "other")
     quickstart.clear_stage(again, "clip")
     assert (tmp_path / "other" / "kept.txt").is_file()
+    # without a checkpoint to resume from, a stage starts over and its old logs go
+    (tmp_path / "vision" / "logs" / "version_0").mkdir(parents=True, exist_ok=True)
+    assert not (tmp_path / "vision" / "checkpoints").exists()
+    quickstart.clear_stage(again, "vision")
+    assert not (tmp_path / "vision" / "logs").exists()
 
 
 # -------------------------------------------------------------------------------------------- end to end
