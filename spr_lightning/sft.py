@@ -167,6 +167,9 @@ class SFTModule(LightningModule):
         coordinate_label_sigma: train coordinate tokens against a Gaussian over the neighbouring bins with this
             standard deviation in bins (:mod:`spr_lightning.coordinate_labels`); ``0`` (default) is plain one-hot
             cross-entropy. Needs a bin format written as whole tokens (MiniGPT-v2's ``<0>``...``<100>``).
+        coordinate_label_start: share of the run's optimizer steps trained with one-hot coordinate labels before
+            the soft ones switch on (measured on SPR-Shapes: soft labels from the first step hurt finding objects,
+            as a late continuation they help precision; this makes that recipe one run, docs/sft.md).
         trust_remote_code: allow custom model code from the hub (off unless set).
     """
 
@@ -194,6 +197,7 @@ class SFTModule(LightningModule):
         grounding_attention_phrase: bool = False,
         grounding_attention_start: float = 0.0,
         coordinate_label_sigma: float = 0.0,
+        coordinate_label_start: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -207,6 +211,11 @@ class SFTModule(LightningModule):
             raise ValueError(f"grounding_attention_start must be in [0, 1), got {grounding_attention_start}")
         if coordinate_label_sigma < 0:
             raise ValueError(f"coordinate_label_sigma must be >= 0 bins, got {coordinate_label_sigma}")
+        if not 0.0 <= coordinate_label_start < 1.0:
+            raise ValueError(f"coordinate_label_start must be in [0, 1), got {coordinate_label_start}")
+        if coordinate_label_start > 0 and coordinate_label_sigma == 0:
+            raise ValueError("coordinate_label_start switches soft coordinate labels on late; "
+                             "set coordinate_label_sigma > 0 with it")
         self.save_hyperparameters()
         self.processor = load_processor(model_name_or_path, trust_remote_code=trust_remote_code)
         # With LoRA the checkpoint carries only the adapter; the frozen base comes from `model_name_or_path`.
@@ -264,7 +273,7 @@ class SFTModule(LightningModule):
         base, hp = self.base_model, self.hparams
         supervise = hp.grounding_attention_weight > 0 and self._grounding_attention_on()
         outputs = base.model(**inputs, use_cache=False, output_attentions=supervise)
-        soft = self._coordinate_targets
+        soft = self._coordinate_targets if self._past_share(hp.coordinate_label_start) else None
         if soft is not None and soft.kernel.device != batch["labels"].device:
             soft = self._coordinate_targets = soft.to(batch["labels"].device)
         nll, correct, count = answer_token_stats(outputs.last_hidden_state, base.get_output_embeddings(),
@@ -284,7 +293,10 @@ class SFTModule(LightningModule):
 
     def _grounding_attention_on(self) -> bool:
         """Whether this step adds the grounding-attention loss (``grounding_attention_start`` has passed)."""
-        start = self.hparams.grounding_attention_start
+        return self._past_share(self.hparams.grounding_attention_start)
+
+    def _past_share(self, start: float) -> bool:
+        """Whether the run's first ``start`` share of optimizer steps is behind it (always, outside a fit)."""
         if start == 0 or self._trainer is None:
             return True
         return self.trainer.global_step >= start * self.trainer.estimated_stepping_batches

@@ -125,3 +125,32 @@ def test_sigma_is_checked_and_needs_location_tokens(small_llava, tiny_models):
         SFTModule(str(small_llava), lora=False, coordinate_label_sigma=-1.0)
     with pytest.raises(ValueError, match="coordinate_label_sigma=1.0 on .*location tokens"):
         SFTModule(str(tiny_models["llava"]), coordinate_label_sigma=1.0)
+
+
+def test_coordinate_label_start_trains_one_hot_until_its_share_of_steps(small_llava):
+    from types import SimpleNamespace
+
+    sample = {"key": "rec", "prompt": "Where is the star?", "image": Image.new("RGB", (64, 64), "gray"),
+              "answer": "{<40><30><60><50>}"}
+    losses = {}
+    for name, kwargs in {"one_hot": {}, "soft": {"coordinate_label_sigma": 2.0},
+                         "late": {"coordinate_label_sigma": 2.0, "coordinate_label_start": 0.5}}.items():
+        torch.manual_seed(0)  # the same weights in every module (lora=False: no random adapter)
+        module = SFTModule(str(small_llava), lora=False, **kwargs)
+        batch = SFTCollator(module.processor)([sample])
+        module._trainer = SimpleNamespace(global_step=4, estimated_stepping_batches=10)
+        with torch.no_grad():
+            before = module.sft_step(batch)["loss"].item()
+            module._trainer.global_step = 5
+            losses[name] = (before, module.sft_step(batch)["loss"].item())
+    one_hot, soft = losses["one_hot"][0], losses["soft"][0]
+    assert abs(one_hot - soft) > 1e-3  # the two targets give different losses on these weights
+    assert losses["late"][0] == pytest.approx(one_hot, rel=1e-6)
+    assert losses["late"][1] == pytest.approx(soft, rel=1e-6)
+
+
+def test_coordinate_label_start_is_checked(small_llava):
+    with pytest.raises(ValueError, match="coordinate_label_start must be in"):
+        SFTModule(str(small_llava), lora=False, coordinate_label_sigma=1.0, coordinate_label_start=1.0)
+    with pytest.raises(ValueError, match="set coordinate_label_sigma > 0"):
+        SFTModule(str(small_llava), lora=False, coordinate_label_start=0.5)
