@@ -271,7 +271,7 @@ class SFTModule(LightningModule):
         """Mean answer-token cross-entropy and teacher-forced token accuracy of one batch."""
         inputs = {k: v for k, v in batch.items() if k not in ("keys", "labels")}
         base, hp = self.base_model, self.hparams
-        supervise = hp.grounding_attention_weight > 0 and self._grounding_attention_on()
+        supervise = hp.grounding_attention_weight > 0 and self._past_share(hp.grounding_attention_start)
         outputs = base.model(**inputs, use_cache=False, output_attentions=supervise)
         soft = self._coordinate_targets if self._past_share(hp.coordinate_label_start) else None
         if soft is not None and soft.kernel.device != batch["labels"].device:
@@ -291,12 +291,9 @@ class SFTModule(LightningModule):
             stats["loss"] = stats["loss"] + hp.grounding_attention_weight * stats["grounding_attention"]
         return stats
 
-    def _grounding_attention_on(self) -> bool:
-        """Whether this step adds the grounding-attention loss (``grounding_attention_start`` has passed)."""
-        return self._past_share(self.hparams.grounding_attention_start)
-
     def _past_share(self, start: float) -> bool:
-        """Whether the run's first ``start`` share of optimizer steps is behind it (always, outside a fit)."""
+        """Whether the run's first ``start`` share of optimizer steps is behind it (always, outside a fit):
+        the switch of ``grounding_attention_start`` and ``coordinate_label_start``."""
         if start == 0 or self._trainer is None:
             return True
         return self.trainer.global_step >= start * self.trainer.estimated_stepping_batches
