@@ -40,6 +40,8 @@ from typing import Any
 
 import yaml
 
+from spr_lightning.stop_request import StopRequest
+
 __all__ = ["SIZES", "QuickstartSize", "main", "run_quickstart", "size_by_name"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
@@ -676,20 +678,23 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: str = "small", red
     run = Run(Path(out).resolve(), size, accelerator, overrides, scene, model, vision)
     start = time.perf_counter()
     stages = STAGES if until is None else STAGES[: STAGES.index(until) + 1]
-    for k, stage in enumerate(stages):
-        if reruns(redo, stage):
-            shutil.rmtree(run.path(stage), ignore_errors=True)
-        if run.done(stage):
-            print(f"[quickstart] {stage}: done already ({run.path(stage, 'DONE')})", flush=True)
-            continue
-        if stage in _RESTART:
-            clear_stage(run, stage)
-        print(f"\n[quickstart] stage {k + 1}/{len(STAGES)}: {stage}", flush=True)
-        began = time.perf_counter()
-        info = STAGE_FUNCTIONS[stage](run)
-        seconds = time.perf_counter() - began
-        run.mark_done(stage, {"seconds": round(seconds, 1), "results" if stage == "eval" else "info": info})
-        print(f"[quickstart] {stage} finished in {seconds:.0f} s", flush=True)
+    with StopRequest("quickstart") as stop:
+        for k, stage in enumerate(stages):
+            if reruns(redo, stage):
+                shutil.rmtree(run.path(stage), ignore_errors=True)
+            if run.done(stage):
+                print(f"[quickstart] {stage}: done already ({run.path(stage, 'DONE')})", flush=True)
+                continue
+            if stage in _RESTART:
+                clear_stage(run, stage)
+            print(f"\n[quickstart] stage {k + 1}/{len(STAGES)}: {stage}", flush=True)
+            began = time.perf_counter()
+            with stop.stage(stage):
+                info = STAGE_FUNCTIONS[stage](run)
+            seconds = time.perf_counter() - began
+            run.mark_done(stage, {"seconds": round(seconds, 1), "results" if stage == "eval" else "info": info})
+            print(f"[quickstart] {stage} finished in {seconds:.0f} s", flush=True)
+            stop.check(stage)
     if stages != STAGES:
         minutes = (time.perf_counter() - start) / 60
         text = (f"[quickstart] stopped after {until} (--until {until}) in {minutes:.1f} min; "

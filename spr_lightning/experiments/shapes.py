@@ -77,6 +77,7 @@ from spr_lightning.experiments.format_ceiling import format_ceiling, read_predic
 from spr_lightning.experiments.pair_quality import iter_records, pair_quality, pair_samples
 from spr_lightning.experiments.reward_audit import format_audit, reward_audit
 from spr_lightning.quickstart import CONFIG_DIR, SIZES, Run, clear_stage, reward_curves, run_cli, size_by_name
+from spr_lightning.stop_request import StopRequest
 
 __all__ = [
     "ARMS",
@@ -630,6 +631,7 @@ class ShapesExperiment:
         self.arms = list(arms)
         self.descriptions: dict[str, dict[int, dict[str, float]]] = {}  # arm -> seed -> describe_regions()
         self.timings: dict[Path, Timing] = {}  # by DONE marker: a stage read twice (spr's pairs) counts once
+        self.stop = StopRequest("shapes")  # SIGTERM: stop at the next stage boundary (entered by run())
         self.shared = ExperimentRun(out, size_name, overrides=self.user_overrides, size=self.size,
                                     accelerator=accelerator)
 
@@ -699,10 +701,12 @@ class ShapesExperiment:
                 clear_stage(run, stage)
             print(f"\n[shapes] {scope}: {stage}", flush=True)
             began = time.perf_counter()
-            info = fn(run)
+            with self.stop.stage(f"{scope}: {stage}"):
+                info = fn(run)
             seconds = time.perf_counter() - began
             run.mark_done(stage, {"seconds": round(seconds, 1), "info": info})
             print(f"[shapes] {scope}: {stage} finished in {seconds:.0f} s", flush=True)
+            self.stop.check(f"{scope}: {stage}")
         done = json.loads(marker.read_text(encoding="utf-8"))
         config = run.path("configs", f"{stage}.yaml")
         self.timings.setdefault(marker, Timing(scope, stage, float(done.get("seconds", 0.0)), reused,
@@ -810,7 +814,11 @@ class ShapesExperiment:
         return sft_model, info["adapter"], stats
 
     def run(self) -> dict[str, Any]:
-        """Run (or resume) everything; returns what ``results.json`` holds."""
+        """Run (or resume) everything; returns what ``results.json`` holds. SIGTERM stops it between stages."""
+        with self.stop:
+            return self._run_all()
+
+    def _run_all(self) -> dict[str, Any]:
         start = time.perf_counter()
         shared = self.shared
         if self.sft_start is not None:
